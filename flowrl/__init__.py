@@ -1,0 +1,2 @@
+"""flowrl: reinforcement learning for flow-matching generators and LLMs on one trajectory/advantage core."""
+__version__ = "0.1.0"

@@ -1,0 +1,276 @@
+"""Registry of advantage / credit-assignment estimators.
+
+Every estimator is a pure function ``fn(batch: TrajectoryBatch, **params) -> float [B, T]``,
+registered by name with ``@register_advantage(name, requires=...)``. ``compute_advantages`` looks it
+up, checks the batch and the parameter names, and zeroes the result off ``batch.mask``.
+
+Outcome estimators broadcast a per-trajectory advantage to every action; token/step estimators place
+rewards on actions. Rewards "at the end" sit on the last valid action of a trajectory.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .batch import TrajectoryBatch, broadcast_to_actions, gather_steps
+from .groups import group_advantages, group_step_stats, masked_whiten
+
+AdvantageFn = Callable[..., Tensor]
+ADVANTAGES: dict[str, AdvantageFn] = {}
+_REQUIRES: dict[str, tuple[str, ...]] = {}
+
+
+def register_advantage(name: str, *, requires: tuple[str, ...] = ()):
+    """Decorator: register ``fn(batch, **params) -> float [B, T]`` under ``name``.
+
+    ``requires`` names the optional ``TrajectoryBatch`` fields the estimator reads (e.g. ``("value",)``);
+    ``compute_advantages`` raises a clear error when one is None. Registering a name twice is an error.
+    """
+
+    def deco(fn: AdvantageFn) -> AdvantageFn:
+        if name in ADVANTAGES and ADVANTAGES[name] is not fn:
+            raise KeyError(f"advantage estimator {name!r} is already registered ({ADVANTAGES[name].__module__})")
+        ADVANTAGES[name] = fn
+        _REQUIRES[name] = tuple(requires)
+        return fn
+
+    return deco
+
+
+def get_advantage(name: str) -> AdvantageFn:
+    if name not in ADVANTAGES:
+        raise KeyError(f"unknown advantage estimator {name!r}; registered: {sorted(ADVANTAGES)}")
+    return ADVANTAGES[name]
+
+
+def check_params(kind: str, name: str, fn: Callable, params: dict, skip: int) -> None:
+    """Raise TypeError naming the unknown keyword(s) and the valid ones (``skip`` positional args)."""
+    sig = inspect.signature(fn)
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return
+    valid = [p for p in list(sig.parameters)[skip:]]
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise TypeError(f"{kind} {name!r} got unknown parameter(s) {unknown}; valid: {valid}")
+
+
+def compute_advantages(name: str, batch: TrajectoryBatch, **params) -> Tensor:
+    """Advantages float32 [B, T] of estimator ``name`` on ``batch``; exactly 0 where ``batch.mask`` is False.
+
+    Raises KeyError for an unknown name (listing the registered ones), TypeError for an unknown
+    parameter, ValueError for a malformed batch, a missing field the estimator needs, or a
+    non-finite result.
+    """
+    fn = get_advantage(name)
+    check_params("advantage estimator", name, fn, params, skip=1)
+    batch = batch.validate()
+    for field in _REQUIRES[name]:
+        if getattr(batch, field) is None or (field == "outcome_parts" and not batch.outcome_parts):
+            raise ValueError(f"advantage estimator {name!r} needs batch.{field}, which is not set")
+    adv = fn(batch, **params)
+    if tuple(adv.shape) != tuple(batch.mask.shape):
+        raise ValueError(f"advantage estimator {name!r} returned shape {tuple(adv.shape)}; expected [B, T] = {tuple(batch.mask.shape)}")
+    adv = torch.where(batch.mask, adv.to(torch.float32), torch.zeros((), device=adv.device))
+    if not bool(torch.isfinite(adv).all()):
+        raise ValueError(f"advantage estimator {name!r} produced NaN or inf; check its inputs (rewards, values, log-probs)")
+    return adv
+
+
+# ----------------------------------------------------------------------------- token-level helpers
+def last_action_index(mask: Tensor) -> Tensor:
+    """Index of the last True action of each row: long [B] (0 for a row with none)."""
+    T = mask.shape[1]
+    pos = torch.arange(T, device=mask.device).expand_as(mask)
+    return torch.where(mask, pos, torch.zeros((), dtype=pos.dtype, device=mask.device)).amax(dim=1)
+
+
+def outcome_at_end(outcome: Tensor, mask: Tensor) -> Tensor:
+    """float [B, T]: ``outcome`` [B] on each row's last valid action, 0 elsewhere (and on empty rows)."""
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    has = mask.any(dim=1)
+    out.scatter_(1, last_action_index(mask)[:, None], torch.where(has, outcome.to(torch.float32), 0.0)[:, None])
+    return out
+
+
+def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """Return-to-go G_t = sum_{s >= t, mask_s} gamma^{(# valid actions between t and s)} r_s, float [B, T].
+
+    Masked actions (padding, tool observations) neither earn nor discount: the return passes through
+    them (as verl's REINFORCE++). gamma == 1 is a reverse cumsum; otherwise a recurrence over T
+    (the one loop here: over time, not over samples).
+    """
+    r = torch.where(mask, rewards.to(torch.float32), torch.zeros((), device=rewards.device))
+    if gamma == 1.0:
+        out = r.flip(1).cumsum(1).flip(1)
+    else:
+        out = torch.empty_like(r)
+        g = torch.zeros(r.shape[0], device=r.device)
+        for t in range(r.shape[1] - 1, -1, -1):  # recurrence over time
+            g = torch.where(mask[:, t], r[:, t] + gamma * g, g)
+            out[:, t] = g
+    return torch.where(mask, out, torch.zeros((), device=out.device))
+
+
+def kl_penalty_rewards(batch: TrajectoryBatch, kl_coef: float) -> Tensor:
+    """-kl_coef * (old_logp - ref_logp) per action (k1, the in-reward KL of REINFORCE++/PPO): float [B, T]."""
+    if kl_coef == 0.0:
+        return torch.zeros(batch.mask.shape, device=batch.device)
+    if batch.ref_logp is None:
+        raise ValueError(f"kl_coef={kl_coef} needs batch.ref_logp (reference log-probs), which is not set")
+    return -kl_coef * (batch.old_logp.to(torch.float32) - batch.ref_logp.to(torch.float32))
+
+
+# ----------------------------------------------------------------------------- outcome estimators
+@register_advantage("grpo")
+def grpo(batch: TrajectoryBatch, *, scale: str = "group", eps: float = 1e-4) -> Tensor:
+    """GRPO (Shao et al., 2024, DeepSeekMath).
+
+    A_i = (r_i - mean_{g(i)} r) / (std_{g(i)} r + eps), broadcast to every action of trajectory i.
+    ``scale="batch"`` divides by the std of the whole batch's rewards instead (TRL's scale_rewards),
+    ``scale="none"`` by nothing. Unbiased std; singleton and all-equal groups get 0.
+
+    batch.outcome: float [B]; batch.group: long [B]; batch.mask: bool [B, T]. Returns float [B, T].
+    """
+    adv = group_advantages(batch.outcome, batch.group, baseline="mean", scale=scale, eps=eps, valid=batch.valid)
+    return broadcast_to_actions(adv, batch.mask)
+
+
+@register_advantage("dr_grpo")
+def dr_grpo(batch: TrajectoryBatch) -> Tensor:
+    """Dr.GRPO (Liu et al., 2025, "Understanding R1-Zero-Like Training").
+
+    A_i = r_i - mean_{g(i)} r (no division by the std), broadcast to the actions. Pair it with the
+    ``seq_mean_token_sum_norm`` aggregation (constant normaliser) to remove the length bias as well.
+
+    Returns float [B, T].
+    """
+    adv = group_advantages(batch.outcome, batch.group, baseline="mean", scale="none", valid=batch.valid)
+    return broadcast_to_actions(adv, batch.mask)
+
+
+@register_advantage("rloo")
+def rloo(batch: TrajectoryBatch) -> Tensor:
+    """REINFORCE Leave-One-Out (Ahmadian et al., 2024).
+
+    A_i = r_i - (1 / (n_g - 1)) * sum_{j in g(i), j != i} r_j, broadcast to every action of trajectory i.
+    A group of one sample gets 0.
+
+    batch.outcome: float [B]; batch.group: long [B]; batch.mask: bool [B, T]. Returns float [B, T].
+    """
+    adv = group_advantages(batch.outcome, batch.group, baseline="loo", scale="none", valid=batch.valid)
+    return broadcast_to_actions(adv, batch.mask)
+
+
+@register_advantage("reinforce_pp")
+def reinforce_pp(batch: TrajectoryBatch, *, kl_coef: float = 0.0, gamma: float = 1.0, eps: float = 1e-8) -> Tensor:
+    """REINFORCE++ (Hu, 2025).
+
+    r_t = 1[t = last action] * r - kl_coef * (log pi_old - log pi_ref)_t;  G_t = sum_{s >= t} gamma^{s-t} r_s;
+    A_t = (G_t - mu_B) / sqrt(var_B + eps), whitened over every valid action of the (global) batch; no critic,
+    no group baseline. ``kl_coef > 0`` needs ``batch.ref_logp``.
+
+    Returns float [B, T].
+    """
+    rewards = outcome_at_end(batch.outcome, batch.mask) + kl_penalty_rewards(batch, kl_coef)
+    returns = discounted_returns(rewards, batch.mask, gamma)
+    return masked_whiten(returns, batch.mask, eps=eps)
+
+
+@register_advantage("reinforce_pp_baseline")
+def reinforce_pp_baseline(batch: TrajectoryBatch, *, eps: float = 1e-8) -> Tensor:
+    """REINFORCE++-baseline (Hu, 2025): the group mean as baseline, then whitening over the batch.
+
+    A_{i,t} = whiten_B(r_i - mean_{g(i)} r), where whitening runs over every valid action of the (global)
+    batch (so longer completions weigh more, as in verl/OpenRLHF). The KL term goes into the loss.
+
+    Returns float [B, T].
+    """
+    centred = group_advantages(batch.outcome, batch.group, baseline="mean", scale="none", valid=batch.valid)
+    return masked_whiten(broadcast_to_actions(centred, batch.mask), batch.mask, eps=eps)
+
+
+@register_advantage("gae", requires=("value",))
+def gae(
+    batch: TrajectoryBatch, *, gamma: float = 1.0, lam: float = 0.95, kl_coef: float = 0.0, whiten: bool = True
+) -> Tensor:
+    """Generalised Advantage Estimation (Schulman et al., 2016), for PPO with a critic.
+
+    r_t = 1[t = last action] * r - kl_coef * (log pi_old - log pi_ref)_t;
+    delta_t = r_t + gamma * V_{t+1} - V_t (V after the last action is 0);  A_t = delta_t + gamma * lam * A_{t+1}.
+    Masked actions are skipped: V_{t+1} and A_{t+1} are those of the next *valid* action.
+    The recursion loops over T (time), not over samples. ``whiten`` normalises over the batch's valid actions.
+    Returns float [B, T]; ``gae_advantages_and_returns`` also gives the critic targets A + V.
+    """
+    adv, _ = gae_advantages_and_returns(batch, gamma=gamma, lam=lam, kl_coef=kl_coef)
+    return masked_whiten(adv, batch.mask) if whiten else adv
+
+
+def gae_advantages_and_returns(
+    batch: TrajectoryBatch, *, gamma: float = 1.0, lam: float = 0.95, kl_coef: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """Un-whitened GAE advantages and returns (A + V), each float [B, T], 0 off the mask."""
+    if batch.value is None:
+        raise ValueError("GAE needs batch.value (critic values), which is not set")
+    mask = batch.mask
+    rewards = outcome_at_end(batch.outcome, mask) + kl_penalty_rewards(batch, kl_coef)
+    values = torch.where(mask, batch.value.to(torch.float32), torch.zeros((), device=mask.device))
+    B, T = mask.shape
+    adv = torch.zeros(B, T, device=mask.device)
+    next_v = torch.zeros(B, device=mask.device)
+    next_a = torch.zeros(B, device=mask.device)
+    for t in range(T - 1, -1, -1):  # recurrence over time
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        a = delta + gamma * lam * next_a
+        adv[:, t] = torch.where(m, a, torch.zeros((), device=mask.device))
+        next_v = torch.where(m, values[:, t], next_v)
+        next_a = torch.where(m, a, next_a)
+    return adv, torch.where(mask, adv + values, torch.zeros((), device=mask.device))
+
+
+@register_advantage("stepwise_grpo", requires=("step_reward",))
+def stepwise_grpo(batch: TrajectoryBatch, *, scale: str = "group", eps: float = 1e-4) -> Tensor:
+    """Per-step group normalisation (TurningPoint-GRPO's per-timestep trackers; Euphonium's process advantage).
+
+    A_{i,s} = (r_{i,s} - mean_{j in g(i)} r_{j,s}) / (std_{j in g(i)} r_{j,s} + eps), each step s normalised
+    within its own (group, step) cell, then mapped to the actions of step s through ``batch.step``.
+    NaN step rewards (no reward) are left out of the statistics and give 0; cells of one sample or of
+    equal rewards give 0. ``scale="none"`` skips the division.
+
+    batch.step_reward: float [B, S]; batch.step: long [B, T]. Returns float [B, T].
+    """
+    if scale not in ("group", "none"):
+        raise ValueError(f"stepwise_grpo: scale={scale!r}; valid values are ('group', 'none')")
+    r = batch.step_reward
+    valid = batch.valid[:, None] & ~torch.isnan(r)
+    count, mean, std, constant = group_step_stats(r, batch.group, valid=valid)
+    a = r.to(torch.float32) - mean
+    if scale == "group":
+        a = a / (std + eps)
+    a = torch.where(valid & ~constant, a, torch.zeros((), device=a.device))
+    return gather_steps(a, batch.step, batch.mask)
+
+
+@register_advantage("gdpo", requires=("outcome_parts",))
+def gdpo(batch: TrajectoryBatch, *, weights: dict[str, float] | None = None, eps: float = 1e-4) -> Tensor:
+    """GDPO (group reward-decoupled normalisation for multi-reward RL; TRL's ``normalize_then_sum``).
+
+    For each named part k: A^k_i = (r^k_i - mean_{g(i)} r^k) / (std_{g(i)} r^k + eps); then
+    A_i = whiten_B(sum_k w_k A^k_i) over the batch's valid samples, broadcast to the actions.
+    ``weights`` maps part names to w_k (default 1 each); a name that is not a part is an error.
+
+    batch.outcome_parts: dict[str, float [B]]. Returns float [B, T].
+    """
+    parts = batch.outcome_parts
+    weights = dict(weights or {})
+    unknown = sorted(set(weights) - set(parts))
+    if unknown:
+        raise KeyError(f"gdpo: weights name unknown reward part(s) {unknown}; parts are {sorted(parts)}")
+    total = torch.zeros(batch.batch_size, device=batch.device)
+    for k, r in parts.items():  # a loop over reward parts (a handful), not samples
+        total = total + weights.get(k, 1.0) * group_advantages(r, batch.group, valid=batch.valid, eps=eps)
+    whitened = masked_whiten(total, batch.valid)
+    return broadcast_to_actions(whitened, batch.mask)

@@ -1,0 +1,66 @@
+"""The one protocol every flow model adapter implements (SD3/SD3.5, FLUX.1, Wan2.1, digits).
+
+The sampler, the guidance and the trainer only ever talk to a model through this protocol, so the
+flow side of flowrl knows no diffusers class. Adapters live in ``pipelines/`` (``flowrl.pipelines``).
+
+Conventions (shared with ``flowrl.flow.sde``): sigma runs from 1 (noise) to 0 (data);
+x_sigma = (1 - sigma) * x0 + sigma * eps; the model predicts v ~= eps - x0.
+
+Conditioning (``Cond``) is a dict of batch-first tensors (prompt embeddings, pooled embeddings,
+attention masks, digit labels, ...). The sampler indexes and repeats it generically with
+``cond_select`` / ``cond_repeat``; only the adapter knows what the keys mean.
+"""
+from __future__ import annotations
+
+from typing import Optional, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+Cond = dict[str, Tensor]
+
+
+@runtime_checkable
+class FlowPipeline(Protocol):
+    """A flow-matching generator seen as a policy over denoising steps."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    def encode_prompts(self, prompts: list[str], *, cfg: bool = False) -> Cond:
+        """Conditioning for ``prompts`` (batch-first tensors). With ``cfg`` it also holds what
+        ``velocity`` needs for the unconditional branch (negative-prompt embeddings)."""
+        ...
+
+    def velocity(self, x: Tensor, sigma: Tensor, cond: Cond, *, cfg_scale: Optional[float] = None) -> Tensor:
+        """v(x, sigma, cond), shaped like ``x``; ``sigma`` float [B] in [0, 1]. With ``cfg_scale`` (and a
+        cond encoded with ``cfg=True``): v_u + cfg_scale * (v_c - v_u), both branches in one batched call."""
+        ...
+
+    def initial_noise(self, batch_size: int, *, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Latent noise eps ~ N(0, I) of the model's latent shape: [B, C, H, W] (images) or
+        [B, C, F, H, W] (video), or the packed layout the model consumes."""
+        ...
+
+    def sigmas(self, num_steps: int) -> Tensor:
+        """float [num_steps + 1], from 1 down to 0, with the model's timestep shift applied."""
+        ...
+
+    def decode(self, x: Tensor) -> Tensor:
+        """Final latents to pixels in [0, 1]: images float [B, C, H, W], video float [B, F, C, H, W]."""
+        ...
+
+    @property
+    def trainable(self) -> nn.Module:
+        """The module that RL updates (the transformer, with LoRA adapters when added)."""
+        ...
+
+
+def cond_select(cond: Cond, index: Tensor) -> Cond:
+    """Rows ``index`` of every conditioning tensor."""
+    return {k: v[index] for k, v in cond.items()}
+
+
+def cond_repeat(cond: Cond, n: int) -> Cond:
+    """Each row repeated ``n`` times in place (row i -> rows i*n .. i*n+n-1): one prompt, n samples."""
+    return {k: v.repeat_interleave(n, dim=0) for k, v in cond.items()}

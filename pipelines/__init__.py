@@ -1,0 +1,1 @@
+"""Model adapters (import flowrl.pipelines)."""

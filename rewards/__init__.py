@@ -1,0 +1,1 @@
+"""Reward models and process reward models (import flowrl.rewards)."""
