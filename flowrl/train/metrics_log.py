@@ -87,7 +87,8 @@ def plot_curves(out_dir: str | Path, keys: Iterable[str] = ("reward", "accuracy"
         ax.set_xlabel("step")
         ax.set_title(key)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     out = Path(path) if path else Path(out_dir) / "curves.png"
     fig.savefig(out, dpi=110)
