@@ -9,6 +9,7 @@ rewards on actions. Rewards "at the end" sit on the last valid action of a traje
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Callable
 
@@ -58,7 +59,8 @@ def check_params(kind: str, name: str, fn: Callable, params: dict, skip: int) ->
 
 
 def compute_advantages(name: str, batch: TrajectoryBatch, **params) -> Tensor:
-    """Advantages float32 [B, T] of estimator ``name`` on ``batch``; exactly 0 where ``batch.mask`` is False.
+    """Advantages float32 [B, T] of estimator ``name`` on ``batch``; exactly 0 where ``batch.mask`` is False
+    and on samples whose ``batch.sample_valid`` is False (their actions join no statistic either).
 
     Raises KeyError for an unknown name (listing the registered ones), TypeError for an unknown
     parameter, ValueError for a malformed batch, a missing field the estimator needs, or a
@@ -67,6 +69,8 @@ def compute_advantages(name: str, batch: TrajectoryBatch, **params) -> Tensor:
     fn = get_advantage(name)
     check_params("advantage estimator", name, fn, params, skip=1)
     batch = batch.validate()
+    if batch.sample_valid is not None:  # an invalid sample has no actions: it takes part in no statistic
+        batch = dataclasses.replace(batch, mask=batch.mask & batch.sample_valid[:, None])
     for field in _REQUIRES[name]:
         if getattr(batch, field) is None or (field == "outcome_parts" and not batch.outcome_parts):
             raise ValueError(f"advantage estimator {name!r} needs batch.{field}, which is not set")
