@@ -10,6 +10,8 @@ from .losses import (
     AGG_MODES, LOSSES, aggregate, compute_policy_loss, importance_weights, kl_estimate, register_loss,
 )
 from .shaping import accuracy_band_filter, soft_overlong_penalty, weighted_sum, zero_variance_filter
+from . import credit  # noqa: F401  (registers the step-level credit estimators)
+from . import losses_extra  # noqa: F401  (registers oreal, pacs, etr)
 
 __all__ = [
     "TrajectoryBatch", "broadcast_to_actions", "gather_steps",

@@ -90,3 +90,5 @@ def group_fraction(flag: Tensor, group: Tensor) -> Tensor:
     """Per-sample share of its group with ``flag`` set: float [B] (used by filters and metrics)."""
     inv, G = group_index(group)
     return segment_stats(flag.to(torch.float32), inv, G).mean[inv]
+
+from .process_shaping import *  # noqa: E402,F401,F403  (issue 3: process shapers, gates, filters, schedules)
