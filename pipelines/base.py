@@ -1,0 +1,167 @@
+"""Shared plumbing of the flow-model adapters: component loading, input checks, batched CFG, LoRA.
+
+Every adapter implements ``flowrl.flow.pipeline.FlowPipeline``. Conventions (Lipman et al., 2023, "Flow
+Matching for Generative Modeling"; Esser et al., 2024, "Scaling Rectified Flow Transformers", SD3):
+sigma in [0, 1] runs from 1 (noise) to 0 (data), x_sigma = (1 - sigma) * x0 + sigma * eps, and the network
+predicts v = eps - x0. Classifier-free guidance (Ho & Salimans, 2022): v = v_u + w * (v_c - v_u), with both
+branches in one batched forward pass ordered [uncond, cond] as diffusers does.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from flowrl.flow.pipeline import Cond
+
+NEGATIVE_PREFIX = "negative_"
+
+
+def load_model_index(path: str | os.PathLike, **hub_kwargs) -> dict[str, Any]:
+    """``model_index.json`` of a diffusers repo (local directory or hub id), read with diffusers' own loader."""
+    from diffusers import DiffusionPipeline
+
+    return dict(DiffusionPipeline.load_config(str(path), **hub_kwargs))
+
+
+def load_component(path: str | os.PathLike, index: dict[str, Any], name: str, *, dtype: Optional[torch.dtype] = None,
+                   required: bool = True, **hub_kwargs):
+    """Load component ``name`` of a diffusers repo with the class ``model_index.json`` names for it.
+
+    Returns None where the index lists no such component (or lists it as ``[null, null]``) and it is optional.
+    Models are loaded with ``from_pretrained(path, subfolder=name, torch_dtype=dtype)``; tokenizers and
+    schedulers with ``from_pretrained(path, subfolder=name)``.
+    """
+    entry = index.get(name)
+    if entry is None or entry[0] is None or entry[1] is None:
+        if required:
+            present = sorted(k for k, v in index.items() if isinstance(v, (list, tuple)) and len(v) == 2 and v[0])
+            raise ValueError(f"{path!s}: model_index.json has no component {name!r} (present: {present})")
+        return None
+    library, class_name = entry
+    module = importlib.import_module(library)
+    cls = getattr(module, class_name)
+    kwargs = dict(subfolder=name, **hub_kwargs)
+    if isinstance(cls, type) and issubclass(cls, nn.Module) and dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    return cls.from_pretrained(str(path), **kwargs)
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Optional ``flowrl_pipeline.json`` beside ``model_index.json`` (adapter settings such as pixel-space decode).
+
+    Only read from local directories; hub repos of the real models have none and get the diffusers defaults.
+    """
+    p = Path(path) / "flowrl_pipeline.json"
+    if p.is_file():
+        return json.loads(p.read_text())
+    return {}
+
+
+def check_xsigma(x: Tensor, sigma: Tensor) -> Tensor:
+    """Validate ``sigma`` (float [B] or scalar, in [0, 1]) against ``x`` [B, ...]; return it as float [B]."""
+    sigma = torch.as_tensor(sigma, device=x.device)
+    if sigma.dim() == 0:
+        sigma = sigma.expand(x.shape[0])
+    if sigma.dim() != 1 or sigma.shape[0] != x.shape[0]:
+        raise ValueError(f"sigma must be a scalar or float [B] with B = x.shape[0] = {x.shape[0]}; got shape {tuple(sigma.shape)}")
+    if not torch.is_floating_point(sigma):
+        raise TypeError(f"sigma must be a float tensor, got {sigma.dtype}")
+    if bool(((sigma < 0) | (sigma > 1)).any()):
+        raise ValueError(f"sigma must lie in [0, 1] (1 = noise, 0 = data); got min {float(sigma.min())}, max {float(sigma.max())}")
+    return sigma
+
+
+def check_cond(cond: Cond, keys: Sequence[str], batch: int, *, cfg_scale: Optional[float]) -> None:
+    """Every key in ``keys`` (and its ``negative_`` twin when ``cfg_scale`` is set) is present with batch ``batch``."""
+    need = list(keys) + ([NEGATIVE_PREFIX + k for k in keys] if cfg_scale is not None else [])
+    missing = [k for k in need if k not in cond]
+    if missing:
+        hint = " (encode the prompts with cfg=True to use cfg_scale)" if cfg_scale is not None else ""
+        raise KeyError(f"conditioning lacks {missing}{hint}; it has {sorted(cond)}")
+    for k in need:
+        if cond[k].shape[0] != batch:
+            raise ValueError(f"cond[{k!r}] has batch {cond[k].shape[0]}, x has batch {batch}")
+
+
+def cfg_velocity(forward: Callable[[Tensor, Tensor, dict[str, Tensor]], Tensor], x: Tensor, sigma: Tensor, cond: Cond,
+                 keys: Sequence[str], cfg_scale: Optional[float]) -> Tensor:
+    """v = forward(x, sigma, cond) or, with ``cfg_scale`` w, v_u + w (v_c - v_u) from one batched call [uncond; cond].
+
+    ``forward(x [N, ...], sigma [N], c)`` takes ``c`` = {key: tensor [N, ...]} for ``keys``.
+    """
+    if cfg_scale is None:
+        return forward(x, sigma, {k: cond[k] for k in keys})
+    both = {k: torch.cat([cond[NEGATIVE_PREFIX + k], cond[k]], dim=0) for k in keys}
+    v = forward(torch.cat([x, x], dim=0), torch.cat([sigma, sigma], dim=0), both)
+    v_u, v_c = v.chunk(2, dim=0)
+    return v_u + cfg_scale * (v_c - v_u)
+
+
+def flow_sigmas(num_steps: int, shift: float = 1.0, *, num_train_timesteps: int = 1000) -> Tensor:
+    """sigma_k = s u_k / (1 + (s - 1) u_k) over u = linspace(1, 1/N_train, num_steps + 1)[:-1], then 0 appended.
+
+    The time shift of SD3 (Esser et al., 2024, eq. 23) applied to the flow-sigma grid of diffusers' UniPC scheduler
+    (the Wan2.1 default). Returns float [num_steps + 1], from 1 to 0.
+    """
+    u = np.linspace(1.0, 1.0 / num_train_timesteps, num_steps + 1)[:-1]
+    s = shift * u / (1 + (shift - 1) * u)
+    return torch.cat([torch.as_tensor(s, dtype=torch.float32), torch.zeros(1)])
+
+
+def check_num_steps(num_steps: int) -> None:
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+
+
+def freeze(*modules: Optional[nn.Module]) -> None:
+    """Switch frozen components (text encoders, VAE) to eval mode without gradients."""
+    for m in modules:
+        if m is not None:
+            m.requires_grad_(False)
+            m.eval()
+
+
+def to_unit_range(images: Tensor) -> Tensor:
+    """Model pixels in [-1, 1] to [0, 1], clamped (diffusers' ``denormalize``)."""
+    return (images / 2 + 0.5).clamp(0, 1)
+
+
+class FlowAdapterBase:
+    """What every adapter shares: device/dtype, the trainable transformer, LoRA through peft."""
+
+    transformer: nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    default_lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    lora_loader_class: str = ""
+
+    @property
+    def trainable(self) -> nn.Module:
+        """The transformer (with its LoRA adapter once ``add_lora`` was called)."""
+        return self.transformer
+
+    def add_lora(self, rank: int = 32, alpha: Optional[float] = None, *, target_modules: Optional[Sequence[str]] = None,
+                 dropout: float = 0.0, init_lora_weights: bool | str = True, adapter_name: str = "default") -> nn.Module:
+        """Add a LoRA adapter (Hu et al., 2021: W x + (alpha / r) B A x, B initialised to 0) to the transformer.
+
+        Uses peft through diffusers' ``add_adapter``, so the adapted model is still the diffusers class and its LoRA
+        saves in diffusers' format (``save_lora``). Only the LoRA parameters require gradients afterwards.
+        """
+        from flowrl.pipelines.lora import add_lora
+
+        return add_lora(self.transformer, rank=rank, alpha=alpha,
+                        target_modules=tuple(target_modules or self.default_lora_targets), dropout=dropout,
+                        init_lora_weights=init_lora_weights, adapter_name=adapter_name)
+
+    def save_lora(self, directory: str | os.PathLike) -> None:
+        """Write the transformer's LoRA in diffusers' format (``pipe.load_lora_weights(directory)`` reads it)."""
+        from flowrl.pipelines.lora import save_lora
+
+        save_lora(self.transformer, directory, self.lora_loader_class)
