@@ -39,8 +39,10 @@ BATCHES = {
 }
 
 
-def test_every_registered_estimator_is_tested():
-    assert {name for name, _ in CASES} == set(ADVANTAGES) == set(ref.ESTIMATORS)
+def test_every_issue2_estimator_is_registered_and_tested():
+    # other modules register more estimators (their own tests cover them); these are issue 2's
+    assert {name for name, _ in CASES} == set(ref.ESTIMATORS)
+    assert set(ref.ESTIMATORS) <= set(ADVANTAGES)
 
 
 @pytest.mark.parametrize("kind", list(BATCHES))
@@ -219,7 +221,7 @@ def test_nan_reward_raises_or_is_masked_and_counted(gen):
     masked = bad.validate(nonfinite="mask")
     assert masked.num_masked == 2 and masked.sample_valid.tolist().count(False) == 2
     assert not bool(masked.mask[[2, 5]].any())
-    for name in ADVANTAGES:
+    for name in ref.ESTIMATORS:
         a = compute_advantages(name, masked)
         assert bool(torch.isfinite(a).all()) and bool((a[[2, 5]] == 0).all()), name
         torch.testing.assert_close(a.double(), ref.ESTIMATORS[name](masked), rtol=1e-4, atol=2e-5)

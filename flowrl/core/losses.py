@@ -224,7 +224,7 @@ def gspo(
     lr = torch.where(mask, logp.float() - old_logp.detach().float(), zero)
     n = mask.float().sum(dim=1, keepdim=True).clamp_min(1)
     seq_lr = (lr.sum(dim=1, keepdim=True) / n).clamp(max=10.0)
-    lp = logp.float()
+    lp = torch.where(mask, logp.float(), zero)  # padding may hold -inf/NaN: keep it out of the gradient
     log_s = seq_lr.detach() + lp - lp.detach()
     s = torch.exp(log_s)
     A = adv.detach().float()
