@@ -217,6 +217,11 @@ def rollout(
     if x.shape[0] != B:
         raise ValueError(f"pipeline.initial_noise returned batch {x.shape[0]}, expected {B}")
 
+    # SPSA directions come from their own generator (seeded from the rollout's), so a guided rollout draws
+    # the same initial and SDE noise as the unguided rollout with the same seed.
+    guide_gen = None
+    if guidance is not None and gen is not None:
+        guide_gen = torch.Generator(device=device).manual_seed(gen.initial_seed() + 1)
     keep_drift = guidance is not None and guidance.logprob_mean == "guided"
     latents = [x]
     log_probs = torch.full((B, num_steps), float("nan"), device=device, dtype=torch.float32)
@@ -233,7 +238,7 @@ def rollout(
         drift = None
         if guidance is not None and guidance.applies(k):
             g = noise_scale(step_kind, s, sn, noise_level)
-            drift, r = guidance.drift(x, v, s, sn, cond, g=g, generator=gen)
+            drift, r = guidance.drift(x, v, s, sn, cond, g=g, generator=guide_gen)
             guided[k] = True
             prm[:, k] = r
             if keep_drift:
