@@ -236,8 +236,8 @@ def _register(table: dict, kind: str, name: str):
     def deco(obj):
         if name in table:
             raise ValueError(f"{kind} {name!r} is already registered (by {table[name]!r})")
-        if inspect.isclass(obj) and getattr(obj, "name", None) in (None, "reward", "process_reward"):
-            obj.name = name
+        if inspect.isclass(obj) and "name" not in vars(obj):
+            obj.name = name  # default key of the score part
         table[name] = obj
         return obj
 
@@ -414,6 +414,17 @@ def _missing_message(model_id: str, how: str, cause: Optional[BaseException] = N
 
 
 def _is_missing_error(e: BaseException) -> bool:
+    """True when ``e`` or an exception in its cause/context chain says: weights not found / offline."""
+    seen = 0
+    while e is not None and seen < 10:  # bounded walk along the chain
+        if _is_missing_one(e):
+            return True
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return False
+
+
+def _is_missing_one(e: BaseException) -> bool:
     names = {type(c).__name__ for c in type(e).__mro__}
     if names & {"LocalEntryNotFoundError", "OfflineModeIsEnabled", "RepositoryNotFoundError", "EntryNotFoundError",
                 "GatedRepoError", "HFValidationError", "FileNotFoundError", "URLError", "ConnectionError"}:
@@ -421,7 +432,7 @@ def _is_missing_error(e: BaseException) -> bool:
     msg = str(e)
     return isinstance(e, (OSError, ValueError)) and any(
         s in msg for s in ("offline", "Offline", "couldn't connect", "not a local folder", "does not appear to have",
-                           "We couldn't connect", "No such file", "cannot find", "Cannot find")
+                           "We couldn't connect", "No such file", "cannot find", "Cannot find", "Failed to download")
     )
 
 
