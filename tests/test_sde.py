@@ -169,12 +169,10 @@ def test_sde_keeps_gaussian_marginals(kind):
 def test_ode_at_10_steps_is_far_worse():
     pipe, x = _run_gaussian("ode", 10)
     rel_var = ((x.var(0) - pipe.s**2) / pipe.s**2).abs()
-    _, x_sde = _run_gaussian("flow_sde", 100)
-    rel_var_sde = ((x_sde.var(0) - pipe.s**2) / pipe.s**2).abs()
-    # Euler discretisation at 10 steps shrinks the variance by about a quarter; the SDE at 100 steps is
-    # within 3%. That gap is the step count, not the kernel.
+    # Euler discretisation at 10 steps shrinks the variance by about a quarter, 5x the 3% that the SDEs meet
+    # at 100 steps (test_sde_keeps_gaussian_marginals): that gap is the step count, not the kernel.
     assert (rel_var > 0.15).all(), rel_var
-    assert (rel_var > 5 * rel_var_sde).all()
+    assert (x.var(0) < pipe.s**2).all()
 
 
 @pytest.mark.parametrize("a", [0.5, 0.8, 1.0])
