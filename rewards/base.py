@@ -178,9 +178,9 @@ class Reward:
         if self.on_error == "raise":
             try:
                 return self._checked(samples, prompts, meta, B)
-            except (RewardError, MissingWeightsError, ValueError, TypeError):
+            except (RewardError, MissingWeightsError):
                 raise
-            except Exception as e:  # a model or a library failed: say which reward
+            except Exception as e:  # bad input, a model or a library failed: say which reward
                 raise RewardError(f"reward {self.name!r} failed: {type(e).__name__}: {e}") from e
         # on_error == "mask": try the whole batch; on failure, isolate the failing samples one by one
         try:
@@ -287,7 +287,7 @@ def _ensure_loaded() -> None:
 
     pkg = importlib.import_module("flowrl.rewards")
     for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name in ("base", "server", "client") or info.name.startswith("_"):
+        if info.name == "base" or info.name.startswith("_"):
             continue
         mod = f"flowrl.rewards.{info.name}"
         if mod in _IMPORT_ERRORS:
@@ -337,7 +337,7 @@ class CombinedReward:
         outcome_i = sum_k w_k * score_k,i          (flowrl.core.shaping.weighted_sum)
         valid_i   = AND_k isfinite(score_k,i)
 
-    ``rewards``: ``{name: Reward}``; ``weights``: ``{name: float}`` (a name's score part).
+    ``rewards``: ``{config key: Reward}``; ``weights``: ``{score part name: float}`` (a reward's ``name``).
     """
 
     rewards: dict[str, Any]
@@ -395,7 +395,10 @@ def build_rewards(spec: Mapping[str, Any]) -> CombinedReward:
         typ = cfg.pop("type", key)
         cfg.setdefault("name", key)
         rewards[key] = build_reward(typ, **cfg)
-        weights[key] = float(w)
+        score_key = getattr(rewards[key], "name", key)  # the part a weight multiplies
+        if score_key in weights:
+            raise ValueError(f"build_rewards: two rewards score under the name {score_key!r}; give them distinct names")
+        weights[score_key] = float(w)
     return CombinedReward(rewards, weights)
 
 
