@@ -11,7 +11,8 @@ Three ways to cut a completion into steps; each returns ``(step long [B, T], num
   the next *visible* token (one whose text is not all whitespace and that is not a special token), so
   blank lines, trailing spaces and the final EOS stay in the step before them. With ``e_t`` = "token t
   ends a step" and ``v_t`` = "token t is visible": ``start_t = v_t and (last e before t) >= (last v
-  before t) >= 0`` (an end token may itself be visible, as ``".\n"``), ``step_t = cumsum(start)_t``; the "last before" indices are running maxima (``cummax``).
+  before t) >= 0`` (an end token may itself be visible, as ``".\\n"``), ``step_t = cumsum(start)_t``;
+  the "last before" indices are running maxima (``cummax``).
 - :func:`regex_steps`: a step starts at the token holding the first character of each match of a
   regular expression (e.g. ``r"Step \\d+:"``); text before the first match is a step of its own.
 
