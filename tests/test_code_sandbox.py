@@ -46,6 +46,10 @@ EXPECTED_STATUS = {
     "fails": "fail", "hangs": "fail", "hangs_swallowing_interrupt": "killed", "os_exit": "killed",
     "segfault": "killed", "too_much_memory": "fail", "network": "fail",
 }
+from flowrl.rewards import RewardError as _RewardError
+
+# a bad input raises ValueError, or RewardError naming the reward when it comes through Reward.__call__
+BAD_INPUT = (ValueError, _RewardError)
 
 
 def test_each_bad_solution_costs_only_its_test_and_runner_survives():
@@ -205,7 +209,7 @@ def test_registered_code_reward_end_to_end():
     torch.testing.assert_close(parts["code_tests"], torch.tensor([x[0] for x in ref]))
     torch.testing.assert_close(parts["code_tests/pass_rate"], torch.tensor([1, 2 / 3, 2 / 3, 1 / 3, 1]))
     assert parts["code_tests/killed"].tolist() == [0, 0, 1, 0, 0]
-    with pytest.raises(ValueError, match="meta\\['tests'\\]"):
+    with pytest.raises(BAD_INPUT, match="meta\\['tests'\\]"):
         r(samples, prompts, None)
     assert extract_code("```py\nx=1\n```\ntext\n```python\ny=2\n```") == "y=2\n"
     assert extract_code("no fence", "fenced") == ""

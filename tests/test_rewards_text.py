@@ -14,6 +14,10 @@ from flowrl.rewards import MissingWeightsError, RewardError, build_process_rewar
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 NAN = float("nan")
+from flowrl.rewards import RewardError as _RewardError
+
+# a bad input raises ValueError, or RewardError naming the reward when it comes through Reward.__call__
+BAD_INPUT = (ValueError, _RewardError)
 
 
 # --------------------------------------------------------------------------------- format
@@ -77,7 +81,7 @@ def test_math_verify_unparseable_gold_is_not_a_silent_zero():
     parts = rm(["<answer>3</answer>", "<answer>3</answer>"], ["", ""], {"answer": ["  ", "3"]})
     assert parts["math_verify/valid"].tolist() == [False, True]
     assert math.isnan(parts["math_verify"][0]) and parts["math_verify"][1] == 1
-    with pytest.raises(ValueError, match="meta\\['answer'\\]"):
+    with pytest.raises(BAD_INPUT, match="meta\\['answer'\\]"):
         r(["<answer>3</answer>"], [""], None)
 
 
@@ -165,9 +169,9 @@ def test_answer_logprob_matches_slow_reference(tiny_lm):
 
 def test_answer_logprob_bad_inputs(tiny_lm):
     r = build_reward("answer_logprob", model=tiny_lm)
-    with pytest.raises(ValueError, match="meta\\['answer'\\]"):
+    with pytest.raises(BAD_INPUT, match="meta\\['answer'\\]"):
         r(["z"], ["p"], {})
-    with pytest.raises(ValueError, match="exceeds max_length"):
+    with pytest.raises(BAD_INPUT, match="exceeds max_length"):
         r(["z" * 300], ["p"], {"answer": ["1"]})
     with pytest.raises(ValueError, match="reduction"):
         build_reward("answer_logprob", model=tiny_lm, reduction="max")
@@ -251,3 +255,126 @@ def test_prm_token_classification_matches_slow_reference(tmp_path, num_labels):
     prm = build_process_reward("prm", model=str(tmp_path), kind="token_classification", batch_size=3)
     model = AutoModelForTokenClassification.from_pretrained(str(tmp_path)).eval()
     _check_prm(prm, model, AutoTokenizer.from_pretrained(str(tmp_path)), "token_classification")
+
+
+# --------------------------------------------------------------------------------- reasoning-gym tasks
+def countdown_slow(answer, numbers, target):
+    """Countdown's rule, written out: 0.01 for no answer / not an arithmetic expression, 0.05 for the wrong
+    multiset of numbers or the wrong value, 1.0 for the exact target using each number once."""
+    import ast
+    import operator
+    import re as _re
+
+    if answer is None or not answer.strip() or not _re.fullmatch(r"[\d+\-*/().\s]*", answer):
+        return 0.01
+    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+    def ev(n):
+        if isinstance(n, ast.Expression):
+            return ev(n.body)
+        if isinstance(n, ast.Constant):
+            return float(n.value)
+        if isinstance(n, ast.BinOp) and type(n.op) in ops:
+            return ops[type(n.op)](ev(n.left), ev(n.right))
+        if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub):
+            return -ev(n.operand)
+        raise ValueError
+
+    try:
+        value = ev(ast.parse(answer, mode="eval"))
+    except (ValueError, SyntaxError, ZeroDivisionError):
+        return 0.01
+    used = sorted(int(x) for x in _re.findall(r"\d+", answer))
+    if used != sorted(numbers):
+        return 0.05
+    return 1.0 if abs(value - target) <= 1e-6 else 0.05
+
+
+def _countdown_entry(numbers, target):
+    return {"question": "q", "answer": "", "metadata": {"source_dataset": "countdown", "numbers": numbers, "target": target}}
+
+
+def test_countdown_hand_worked():
+    r = build_reward("reasoning_gym")
+    e = _countdown_entry([3, 7, 25, 50], 175)
+    samples = [
+        "<think>75*7=525, /3 = 175</think><answer>(25+50)*7/3</answer>",  # right: 1.0
+        "<answer>25*7</answer>",  # right value, wrong numbers: 0.05
+        "<answer>3+7+25+50</answer>",  # right numbers, wrong value: 0.05
+        "<answer></answer>",  # empty: 0.01
+        "I think (25+50)*7/3",  # no tag: whole text, not an expression: 0.01
+        "<answer>__import__('os').getcwd()</answer>",  # never evaluated: 0.01
+        "(25+50)*7/3",  # no tag, the whole completion is the expression: 1.0
+    ]
+    parts = r(samples, [""] * len(samples), {"entry": [e] * len(samples)})
+    assert parts["reasoning_gym"].tolist() == pytest.approx([1.0, 0.05, 0.05, 0.01, 0.01, 0.01, 1.0])
+    assert parts["reasoning_gym/correct"].tolist() == [1, 0, 0, 0, 0, 0, 1]
+    strict = build_reward("reasoning_gym", require_tag=True, name="rg_strict")
+    assert strict(["(25+50)*7/3"], [""], {"entry": [e]})["rg_strict"].tolist() == pytest.approx([0.01])
+    with pytest.raises(BAD_INPUT, match="meta\\['entry'\\]"):
+        r(["1"], [""], {"answer": ["1"]})
+
+
+def test_countdown_generated_against_slow_rule():
+    import random
+
+    from flowrl.rewards.reasoning_gym_tasks import make_task_dataset, task_meta
+
+    rows = make_task_dataset("countdown", size=30, seed=11, min_numbers=3, max_numbers=4)
+    assert rows == make_task_dataset("countdown", size=30, seed=11, min_numbers=3, max_numbers=4)  # deterministic
+    rng = random.Random(0)
+    samples = []
+    for row in rows:
+        expr = row["answer"]
+        k = rng.random()
+        if k < 0.4:  # swap one operator
+            i = [j for j, ch in enumerate(expr) if ch in "+-*"]
+            if i:
+                j = rng.choice(i)
+                expr = expr[:j] + rng.choice("+-*".replace(expr[j], "")) + expr[j + 1:]
+        elif k < 0.55:  # drop the last number
+            expr = expr.rsplit(" ", 2)[0] if " " in expr else ""
+        samples.append(f"<think>...</think><answer>{expr}</answer>")
+    parts = build_reward("reasoning_gym")(samples, [r["prompt"] for r in rows], task_meta(rows))
+    ref = [countdown_slow(s.split("<answer>")[1].split("</answer>")[0].strip(), r["entry"]["metadata"]["numbers"],
+                          r["entry"]["metadata"]["target"]) for s, r in zip(samples, rows)]
+    assert parts["reasoning_gym"].tolist() == pytest.approx(ref)
+    assert 0 < sum(x == 1.0 for x in ref) < len(ref)
+
+
+@pytest.mark.parametrize("task", ["countdown", "chain_sum", "basic_arithmetic", "leg_counting"])
+def test_reasoning_gym_reference_answers_score_one(task):
+    from flowrl.rewards.reasoning_gym_tasks import make_task_dataset, task_meta
+
+    rows = make_task_dataset(task, size=12, seed=5)
+    r = build_reward("reasoning_gym")
+    good = [f"<answer>{row['answer']}</answer>" for row in rows]
+    assert r(good, [row["prompt"] for row in rows], task_meta(rows))["reasoning_gym"].tolist() == [1.0] * 12
+    if task != "countdown":  # integer answers: the scorer's exact rule, written out
+        row = rows[0]
+        ans = row["answer"]
+
+        def rule(a):
+            if not a:
+                return 0.0
+            if task == "chain_sum":  # decimal-tolerant: "+0156.00" == "156"
+                try:
+                    if float(a) == float(ans):
+                        return 1.0
+                except ValueError:
+                    pass
+            if a == ans:
+                return 1.0
+            return len(ans) / len(a) if ans in a else 0.0
+
+        wrong = str(int(ans) + 1)
+        cands = [f"{ans}.00", wrong, f"x{ans}", ""]
+        got = r([f"<answer>{c}</answer>" for c in cands], [""] * 4, task_meta([row] * 4))["reasoning_gym"].tolist()
+        assert got == pytest.approx([rule(c) for c in cands])
+
+
+def test_reasoning_gym_bad_task():
+    from flowrl.rewards.reasoning_gym_tasks import make_task_dataset
+
+    with pytest.raises(ValueError, match="no_such_task"):
+        make_task_dataset("no_such_task", size=2)
