@@ -251,7 +251,7 @@ class PickScore(Reward):
             self.model = CLIPModel.from_pretrained(model, dtype=self.dtype)
         with hub_guard(processor, how.format("processor")):
             self.processor = AutoProcessor.from_pretrained(processor)
-        self.model = self.model.to(self.device).eval().requires_grad_(False)
+        self.model = self.model.to(self.device, self.dtype).eval().requires_grad_(False)
         ip = self.processor.image_processor
 
         def field(v, k):
