@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from flowrl.rewards import build_process_reward, build_reward
+from flowrl.rewards import RewardError, build_process_reward, build_reward
 from flowrl.rewards.arithmetic import (
     parse_problem,
     reference_completion,
@@ -19,11 +19,10 @@ from flowrl.rewards.arithmetic import (
     verify_arithmetic,
 )
 
-NAN = float("nan")
-from flowrl.rewards import RewardError as _RewardError
+# bad input raises ValueError, or RewardError naming the reward when it comes through Reward.__call__
+BAD_INPUT = (ValueError, RewardError)
 
-# a bad input raises ValueError, or RewardError naming the reward when it comes through Reward.__call__
-BAD_INPUT = (ValueError, _RewardError)
+NAN = float("nan")
 
 
 def assert_same(a: torch.Tensor, b) -> None:

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from flowrl.rewards import build_reward
+from flowrl.rewards import RewardError, build_reward
 from flowrl.rewards.code_sandbox import (
     SandboxConfig,
     extract_code,
@@ -22,6 +22,9 @@ from flowrl.rewards.code_sandbox import (
     run_tests,
     verpo_reward,
 )
+
+# bad input raises ValueError, or RewardError naming the reward when it comes through Reward.__call__
+BAD_INPUT = (ValueError, RewardError)
 
 TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(10, 5) == 15"]
 CFG = SandboxConfig(time_limit=1.0, grace=1.5, memory_limit_mb=512)
@@ -46,10 +49,6 @@ EXPECTED_STATUS = {
     "fails": "fail", "hangs": "fail", "hangs_swallowing_interrupt": "killed", "os_exit": "killed",
     "segfault": "killed", "too_much_memory": "fail", "network": "fail",
 }
-from flowrl.rewards import RewardError as _RewardError
-
-# a bad input raises ValueError, or RewardError naming the reward when it comes through Reward.__call__
-BAD_INPUT = (ValueError, _RewardError)
 
 
 def test_each_bad_solution_costs_only_its_test_and_runner_survives():

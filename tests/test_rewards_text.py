@@ -12,12 +12,11 @@ import torch
 
 from flowrl.rewards import MissingWeightsError, RewardError, build_process_reward, build_reward
 
+# bad input raises ValueError, or RewardError naming the reward when it comes through Reward.__call__
+BAD_INPUT = (ValueError, RewardError)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 NAN = float("nan")
-from flowrl.rewards import RewardError as _RewardError
-
-# a bad input raises ValueError, or RewardError naming the reward when it comes through Reward.__call__
-BAD_INPUT = (ValueError, _RewardError)
 
 
 # --------------------------------------------------------------------------------- format
