@@ -314,8 +314,9 @@ def prime_ref(b, beta, rm_coef, granularity, gamma, batch_norm, eps=1e-8):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("granularity,gamma,batch_norm", [("token", 1.0, False), ("step", 0.9, False),
-                                                          ("whole", 1.0, True), ("token", 0.95, True)])
+@pytest.mark.parametrize("granularity,gamma,batch_norm", [("token", 1.0, False), ("token", 1.0, True),
+                                                          ("step", 0.9, False), ("whole", 1.0, True),
+                                                          ("token", 0.95, True), ("token", 0.95, False)])
 def test_prime(seed, granularity, gamma, batch_norm):
     b = make_batch(torch.Generator().manual_seed(seed))
     got = compute_advantages("prime", b, beta=0.05, rm_coef=5.0, granularity=granularity, gamma=gamma,

@@ -45,9 +45,31 @@ def _zero(device) -> Tensor:
 
 
 def _last_step(batch: TrajectoryBatch) -> Tensor:
-    """L_i: the largest step index among the valid actions of each trajectory, long [B]; -1 when none."""
-    neg = torch.full((), -1, dtype=torch.long, device=batch.device)
-    return torch.where(batch.mask, batch.step.long(), neg).amax(dim=1)
+    """L_i: the step index of the last valid action of each trajectory, long [B]; -1 when it has none.
+
+    Steps are numbered in the order of the actions (non-decreasing along T), so this is also the
+    largest step index among the valid actions. One read of the mask (bool ops are the cheap path here).
+    """
+    T = batch.mask.shape[1]
+    has, back = batch.mask.view(torch.uint8).flip(1).max(dim=1)
+    last_t = (T - 1 - back).clamp_min(0)
+    L = torch.gather(batch.step.long(), 1, last_t[:, None])[:, 0]
+    return torch.where(has > 0, L, torch.full_like(L, -1))
+
+
+def _to_actions(per_step: Tensor, batch: TrajectoryBatch) -> Tensor:
+    """Per-step values float [B, S] (finite) on the actions: float [B, T], 0 off ``batch.mask``.
+
+    ``gather_steps`` without its NaN handling, and without clamping ``step`` when it is already in
+    [0, S) everywhere (one read-only check): fewer passes over [B, T].
+    """
+    S = per_step.shape[1]
+    step = batch.step.long()
+    lo, hi = step.aminmax()
+    if bool(lo < 0) or bool(hi >= S):  # padding may hold any index; valid actions are checked by validate()
+        step = step.clamp(0, max(S - 1, 0))
+    out = torch.gather(per_step.to(torch.float32), 1, step)
+    return out.masked_fill_(~batch.mask, 0.0)
 
 
 def _present(batch: TrajectoryBatch, S: int) -> Tensor:
@@ -225,7 +247,7 @@ def tp_grpo(batch: TrajectoryBatch, *, eta: float = 1.0, balance: bool = False, 
     r, _ = turning_point_rewards(R, eta=eta, balance=balance, valid=batch.valid)
     ok = batch.valid[:, None].expand_as(r)
     a = _norm_group_step(r, batch.group, ok, eps)
-    return gather_steps(a, batch.step, batch.mask)
+    return _to_actions(a, batch)
 
 
 # ----------------------------------------------------------------------------- step returns
@@ -249,7 +271,7 @@ def step_returns(batch: TrajectoryBatch, *, gamma: float = 1.0, outcome_coef: fl
         out = torch.where(batch.valid, batch.outcome.to(torch.float32), _zero(batch.device))
         r = r + outcome_coef * torch.where(at_last, out[:, None], _zero(batch.device))
     G = _discount_steps(r, present, gamma)
-    return gather_steps(G, batch.step, batch.mask)
+    return _to_actions(G, batch)
 
 
 # ----------------------------------------------------------------------------- PRIME
@@ -297,6 +319,8 @@ def prime(
     lp = batch.old_logp if prm_logp is None else prm_logp
     if tuple(lp.shape) != tuple(mask.shape):
         raise ValueError(f"prime: prm_logp has shape {tuple(lp.shape)}; expected [B, T] = {tuple(mask.shape)}")
+    if granularity == "token" and gamma == 1.0:
+        return _prime_token_undiscounted(batch, lp, beta, rm_coef, batch_norm, eps)
     zero = _zero(batch.device)
     q = torch.where(mask, beta * (lp.to(torch.float32) - batch.ref_logp.to(torch.float32)), zero)
     if granularity == "token":
@@ -324,6 +348,48 @@ def prime(
                       batch.group, valid)
     returns = discounted_returns(rm, mask, gamma) + discounted_returns(ver, mask, gamma)
     return masked_whiten(returns, mask & valid[:, None], eps=eps)
+
+
+def _prime_token_undiscounted(batch: TrajectoryBatch, lp: Tensor, beta: float, rm_coef: float, batch_norm: bool,
+                              eps: float) -> Tensor:
+    """``prime`` for granularity "token", gamma = 1, in closed form (the same numbers, fewer passes over [B, T]).
+
+    With d = (log pi_phi - log pi_ref) on valid actions, Q_t = sum_{s >= t} d_s and N_t = # valid actions at or
+    after t, the process return is c_i Q_t - b_i N_t (c_i = rm_coef * scale * K/(K-1), b_i = rm_coef *
+    sum_j m_j/(K-1), m_j = scale * mean_t d_{j,t}) and the outcome return is the RLOO outcome v_i on every
+    valid action; then whitening over the valid actions. Every [B, T] step is in place after three allocations.
+    """
+    mask = batch.mask
+    valid = batch.valid
+    mf = (mask & valid[:, None]).to(torch.float32)
+    d = (lp.to(torch.float32) - batch.ref_logp.to(torch.float32)).mul_(mf)
+    n = mf.sum(dim=1)
+    dsum = d.sum(dim=1)
+    Q = torch.cumsum(d, dim=1).neg_().add_(dsum[:, None]).add_(d)  # reverse cumsum
+    scale = torch.full((), beta, device=mask.device)
+    if batch_norm:
+        qlo, qhi = Q.aminmax()
+        denom = beta * torch.maximum(qhi, -qlo)  # max |reverse cumsum| (at a padded t it equals a valid one's, or 0)
+        scale = torch.where(denom > 0, scale / torch.where(denom > 0, denom, torch.ones_like(denom)), scale)
+    rows = valid & (n > 0)
+    inv, G = group_index(batch.group)
+    m = scale * dsum / n.clamp_min(1)
+    K = segment_stats(m, inv, G, rows).count[inv]
+    Kc = (K - 1).clamp_min(1)
+    on = rows & (K > 1)
+    zero = _zero(mask.device)
+    c = torch.where(on, rm_coef * scale * K / Kc, zero)
+    b = torch.where(on, rm_coef * segment_stats(m, inv, G, rows).sum[inv] / Kc, zero)
+    r = torch.where(rows, batch.outcome.to(torch.float32), zero)
+    v = torch.where(on, r * K / Kc - segment_stats(r, inv, G, rows).sum[inv] / Kc, zero)
+    N = torch.cumsum(mf, dim=1).neg_().add_(n[:, None]).add_(mf)
+    R = Q.mul_(c[:, None]).sub_(N.mul_(b[:, None])).add_(v[:, None]).mul_(mf)
+    total = n.sum()
+    mean = R.sum() / total.clamp_min(1)
+    R.sub_(mean).mul_(mf)
+    flat = R.view(-1)
+    var = torch.dot(flat, flat) / (total - 1).clamp_min(1)
+    return R.mul_(torch.rsqrt(var + eps))
 
 
 def implicit_prm_loss(
@@ -393,7 +459,8 @@ def dual_level(
         ok = present & ~torch.isnan(sr)
         counts = step_token_counts(batch.step, batch.mask, S)
         a_s = _norm_group_pooled(torch.nan_to_num(sr, nan=0.0), batch.group, ok & (counts > 0), eps, weight=counts)
-    return outcome_coef * broadcast_to_actions(a_o, batch.mask) + beta * gather_steps(a_s, batch.step, batch.mask)
+    per_step = torch.where(present, outcome_coef * a_o[:, None] + beta * a_s, _zero(batch.device))
+    return _to_actions(per_step, batch)
 
 
 # ----------------------------------------------------------------------------- tree / graph credit
@@ -434,7 +501,7 @@ def tree_mc(batch: TrajectoryBatch, *, cumulative: bool = False, scale: str = "n
     if scale == "group":
         a = a / (gs.std[inv][:, None] + eps)
     a = torch.where(present, a, zero)
-    return gather_steps(a, batch.step, batch.mask)
+    return _to_actions(a, batch)
 
 
 @register_advantage("salt", requires=("node",))
@@ -458,7 +525,7 @@ def salt(batch: TrajectoryBatch, *, baseline: str = "mean", scale: str = "group"
     vals = a[:, None].expand(-1, S).reshape(-1)
     A = segment_stats(vals, kid.reshape(-1), max(K, 1), present.reshape(-1)).mean[kid]
     A = torch.where(present, A, _zero(batch.device))
-    return gather_steps(A, batch.step, batch.mask)
+    return _to_actions(A, batch)
 
 
 # ----------------------------------------------------------------------------- IGPO
@@ -488,7 +555,7 @@ def igpo(batch: TrajectoryBatch, *, gamma: float = 1.0, eps: float = 1e-4) -> Te
     r = torch.where(present, r, _zero(batch.device))
     z = _norm_group_pooled(r, batch.group, present, eps)
     A = _discount_steps(z, present, gamma)
-    return gather_steps(A, batch.step, batch.mask)
+    return _to_actions(A, batch)
 
 
 # ----------------------------------------------------------------------------- SPAE
@@ -525,7 +592,7 @@ def spae(
     sat = present & (high > sat_threshold)
     a = group_advantages(batch.outcome, batch.group, baseline="mean", scale="group", eps=eps, valid=batch.valid)
     step_a = torch.where(present, a[:, None] + xi * delta - sat_penalty * sat.to(torch.float32), zero)
-    return gather_steps(step_a, batch.step, batch.mask)
+    return _to_actions(step_a, batch)
 
 
 # ----------------------------------------------------------------------------- EMPG
@@ -548,12 +615,14 @@ def empg(
     """
     mask = batch.mask
     S = max(batch.num_steps, 1)
-    idx = batch.step.long().clamp(0, S - 1)
     zero = _zero(batch.device)
-    cnt_sum = torch.zeros(mask.shape[0], S, 2, device=batch.device)
-    src = torch.stack([mask.to(torch.float32), torch.where(mask, batch.entropy.to(torch.float32), zero)], dim=-1)
-    cnt_sum.scatter_add_(1, idx[:, :, None].expand(-1, -1, 2), src)
-    cnt, tot = cnt_sum[..., 0], cnt_sum[..., 1]
+    step = batch.step.long()
+    lo_s, hi_s = step.aminmax()
+    if bool(lo_s < 0) or bool(hi_s >= S):
+        step = step.clamp(0, S - 1)
+    mf = mask.to(torch.float32)
+    cnt = torch.zeros(mask.shape[0], S, device=batch.device).scatter_add_(1, step, mf)
+    tot = torch.zeros(mask.shape[0], S, device=batch.device).scatter_add_(1, step, mf.mul_(batch.entropy.to(torch.float32)))
     has = (cnt > 0) & batch.valid[:, None]
     H = tot / cnt.clamp_min(1)
     inf = torch.tensor(float("inf"), device=batch.device)
@@ -566,5 +635,12 @@ def empg(
     f_next = torch.cat([f[:, 1:], torch.zeros_like(f[:, :1])], dim=1)  # 0 where no next step has actions
     a = group_advantages(batch.outcome, batch.group, baseline="mean", scale="group", eps=eps, valid=batch.valid)
     step_a = torch.where(has, g * a[:, None] + zeta * f_next, zero)
-    out = gather_steps(step_a, batch.step, mask)
-    return masked_whiten(out, mask & batch.valid[:, None]) if whiten else out
+    if whiten:
+        # the values are constant within a step: whitening over the valid actions is the same as a
+        # token-count-weighted whitening of the per-step values (a [B, S] computation, not [B, T])
+        w = torch.where(has, cnt, zero)
+        n = w.sum()
+        mean = (w * step_a).sum() / n.clamp_min(1)
+        var = (w * (step_a - mean) ** 2).sum() / (n - 1).clamp_min(1)
+        step_a = torch.where(has, (step_a - mean) * torch.rsqrt(var + 1e-8), zero)
+    return _to_actions(step_a, batch)
