@@ -216,15 +216,17 @@ class Reward:
 class FunctionReward(Reward):
     """A plain function ``fn(samples, prompts, meta) -> Tensor[B] | dict`` made a :class:`Reward`."""
 
-    def __init__(self, fn: Callable[..., Any], *, name: str, on_error: str = "raise"):
+    def __init__(self, fn: Callable[..., Any], *, name: str, on_error: str = "raise", registered: Optional[str] = None):
         super().__init__(name=name, on_error=on_error)
         self.fn = fn
+        self.registered = registered or name  # the part names the function itself uses
 
     def score(self, samples, prompts, meta):
         out = self.fn(samples, prompts, meta)
-        if isinstance(out, Mapping):
-            return dict(out)
-        return {self.name: torch.as_tensor(out)}
+        if not isinstance(out, Mapping):
+            return {self.name: torch.as_tensor(out)}
+        reg = self.registered  # rename "<registered>" / "<registered>/x" to this instance's name
+        return {self.name + k[len(reg):] if k == reg or k.startswith(reg + "/") else k: v for k, v in out.items()}
 
 
 # --------------------------------------------------------------------------------------------- registry
@@ -256,12 +258,12 @@ def register_reward(name: str):
         if not inspect.isclass(obj):
             params = list(inspect.signature(obj).parameters)
             if params[:3] == ["samples", "prompts", "meta"]:
-                fn = obj
+                fn, registered = obj, name
 
                 def target(*, name: str = name, on_error: str = "raise", **kw):  # noqa: F811
                     if kw:
                         raise TypeError(f"reward {name!r} takes no options besides name/on_error; got {sorted(kw)}")
-                    return FunctionReward(fn, name=name, on_error=on_error)
+                    return FunctionReward(fn, name=name, on_error=on_error, registered=registered)
 
                 target.__doc__ = fn.__doc__
         _register(REWARDS, "reward", name)(target)
@@ -360,7 +362,9 @@ class CombinedReward:
         valid = torch.isfinite(outcome)
         metrics = {"reward/invalid": float((~valid).sum())}
         for k, v in parts.items():
-            if v.dtype != torch.bool:
+            if v.dtype == torch.bool and k.endswith("/valid"):  # one reward's masked samples
+                metrics[f"reward/{k[: -len('/valid')]}/invalid"] = float((~v).sum())
+            elif v.dtype != torch.bool:
                 fin = torch.isfinite(v)
                 metrics[f"reward/{k}"] = float(v[fin].mean()) if bool(fin.any()) else float("nan")
         return outcome, valid, metrics

@@ -157,9 +157,13 @@ class RewardServer:
             self.combined = build_rewards(reward)
         else:
             self.combined = CombinedReward({reward.name: reward}, {reward.name: 1.0})
-        single = len(self.combined.rewards) == 1
-        self.name = name or (next(iter(self.combined.rewards)) if single else "combined")
-        self.single = single and self.name == next(iter(self.combined.rewards))
+        single = len(self.combined.weights) == 1
+        score_name = next(iter(self.combined.weights))  # the score part of the first (or only) reward
+        self.name = name or (score_name if single else "combined")
+        # one reward under its own name: its parts as they are; else the weighted sum is added under self.name
+        self.single = single and self.name == score_name
+        if not self.single and self.name in self.combined.weights:
+            raise ValueError(f"reward server: name {self.name!r} is a reward's part name; choose another for the weighted sum")
         self.token = token
         self.limits = limits or Limits()
         self._pool = cf.ThreadPoolExecutor(max_workers=max(1, int(workers)), thread_name_prefix="reward")

@@ -94,6 +94,15 @@ def test_round_trip_equals_local(server):
         comb = build_rewards({"r": {"type": "remote", "url": single.url, "name": "server_test_mean", "weight": 2.0}})
         outcome, parts, valid, _ = comb.score(["abc"], ["p"])
         assert outcome.tolist() == [6.0] and valid.all()
+        # one reward whose score part is named apart from its config key
+        renamed = RewardServer(build_rewards({"r": {"type": "server_test_mean", "name": "mine"}}), port=0).start()
+        try:
+            c2 = RemoteReward(renamed.url)
+            assert c2.name == "mine" and c2(["ab"], ["p"])["mine"].tolist() == [2.0]
+        finally:
+            renamed.stop()
+        with pytest.raises(ValueError, match="is a reward's part name"):
+            RewardServer(build_rewards({"server_test_mean": 1.0, "jpeg_compressibility": 1.0}), port=0, name="server_test_mean")
     finally:
         single.stop()
     assert got_t.name == "combined"

@@ -264,6 +264,7 @@ def test_failure_policy_raise_and_mask():
     comb = build_rewards({"flaky_test_reward": {"weight": 1.0, "on_error": "mask"}, "jpeg_compressibility": 0.0})
     outcome, parts, valid, metrics = comb.score(x, ["a", "bad", "ccc", "nan"])
     assert valid.tolist() == [True, False, True, False] and metrics["reward/invalid"] == 2.0
+    assert metrics["reward/flaky_test_reward/invalid"] == 2.0
     assert torch.isnan(outcome[1]) and outcome[0] == pytest.approx(1.0 + 0.0 * parts["jpeg_compressibility"][0].item())
 
 
