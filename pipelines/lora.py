@@ -45,4 +45,6 @@ def save_lora(transformer: nn.Module, directory: str | os.PathLike, loader_class
         raise ValueError("the transformer has no LoRA adapter to save (call add_lora first)")
     state = get_peft_model_state_dict(transformer)
     cls = getattr(diffusers, loader_class)
-    cls.save_lora_weights(str(directory), transformer_lora_layers=state)
+    # the adapter's config (rank, alpha, targets) travels as safetensors metadata, so the loader uses alpha / r
+    metadata = transformer.peft_config["default"].to_dict()
+    cls.save_lora_weights(str(directory), transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata)

@@ -18,7 +18,7 @@ no T5 tokens when there is no T5 encoder.
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +46,7 @@ class SD3Pipeline(FlowAdapterBase):
     def __init__(self, transformer: nn.Module, scheduler, *, clip: Sequence[tuple] = (), t5: Optional[tuple] = None,
                  vae: Optional[nn.Module] = None, height: Optional[int] = None, width: Optional[int] = None,
                  max_sequence_length: int = 256, negative_prompt: str = "", device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, prompt_labeler: Optional[Callable[[list[str]], dict[str, Tensor]]] = None):
         if not clip:
             raise ValueError("SD3Pipeline needs at least one (tokenizer, CLIP text encoder) pair")
         self.transformer = transformer
@@ -56,6 +56,7 @@ class SD3Pipeline(FlowAdapterBase):
         self.vae = vae
         self.max_sequence_length = int(max_sequence_length)
         self.negative_prompt = negative_prompt
+        self.prompt_labeler = prompt_labeler
         self.device = torch.device(device)
         self.dtype = dtype
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
@@ -141,7 +142,9 @@ class SD3Pipeline(FlowAdapterBase):
 
     def encode_prompts(self, prompts: list[str], *, cfg: bool = False, negative_prompt: Optional[str | list[str]] = None) -> Cond:
         """Cond for ``prompts``: prompt_embeds [B, L, D_joint], pooled_prompt_embeds [B, D_pool]; with ``cfg`` also
-        the embeddings of ``negative_prompt`` (default: the adapter's, "" unless set) as ``negative_*``."""
+        the embeddings of ``negative_prompt`` (default: the adapter's, "" unless set) as ``negative_*``; plus the
+        tensors of ``prompt_labeler(prompts)`` when the adapter has one (the digits model adds ``digit`` long [B],
+        which process rewards read)."""
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts) or len(prompts) == 0:
             raise TypeError("prompts must be a non-empty list of strings")
         texts = list(prompts)
@@ -157,11 +160,13 @@ class SD3Pipeline(FlowAdapterBase):
         if cfg:
             cond[NEGATIVE_PREFIX + "prompt_embeds"] = emb[b:]
             cond[NEGATIVE_PREFIX + "pooled_prompt_embeds"] = pooled[b:]
+        if self.prompt_labeler is not None:  # task labels parsed from the prompts (digits: "digit" long [B])
+            cond.update({k: v.to(self.device) for k, v in self.prompt_labeler(list(prompts)).items()})
         return cond
 
     def _forward(self, x: Tensor, sigma: Tensor, c: dict[str, Tensor]) -> Tensor:
         t = sigma.to(torch.float32) * self.scheduler.config.num_train_timesteps
-        return self.transformer(hidden_states=x.to(self.dtype), timestep=t, encoder_hidden_states=c["prompt_embeds"],
+        return self.denoiser(hidden_states=x.to(self.dtype), timestep=t, encoder_hidden_states=c["prompt_embeds"],
                                 pooled_projections=c["pooled_prompt_embeds"], return_dict=False)[0]
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: Cond, *, cfg_scale: Optional[float] = None) -> Tensor:
