@@ -142,10 +142,19 @@ class FlowAdapterBase:
     default_lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     lora_loader_class: str = ""
 
+    # The trainer sets this to the DDP/FSDP-wrapped transformer so that forward passes synchronise gradients;
+    # attribute reads (``config``) still go to ``transformer``.
+    forward_module: Optional[nn.Module] = None
+
     @property
     def trainable(self) -> nn.Module:
         """The transformer (with its LoRA adapter once ``add_lora`` was called)."""
         return self.transformer
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """The module the forward pass calls: the wrapped transformer while training, else the transformer."""
+        return self.forward_module if self.forward_module is not None else self.transformer
 
     def add_lora(self, rank: int = 32, alpha: Optional[float] = None, *, target_modules: Optional[Sequence[str]] = None,
                  dropout: float = 0.0, init_lora_weights: bool | str = True, adapter_name: str = "default") -> nn.Module:

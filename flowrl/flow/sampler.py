@@ -159,6 +159,7 @@ def rollout(
     sigmas: Optional[Tensor] = None,
     cond: Optional[Cond] = None,
     progress: bool = False,
+    noise: Optional[Tensor] = None,
 ) -> FlowTrajectory:
     """Sample B = len(prompts) * samples_per_prompt trajectories, recording each step's action and log-prob.
 
@@ -178,6 +179,9 @@ def rollout(
     decode: decode the final latents with pipeline.decode. sigmas: float [K+1] schedule overriding
         pipeline.sigmas(num_steps). cond: conditioning already encoded for the P prompts (with the CFG
         branch when cfg_scale is set) instead of pipeline.encode_prompts. progress: show a tqdm bar.
+    noise: pre-drawn noise [B, K+1, ...] instead of the generator: noise[:, 0] is the initial noise and
+        noise[:, k+1] the SDE noise of step k. The trainer draws it for the global batch and hands each rank
+        its rows, so a run on R ranks samples exactly what one process samples.
 
     Runs without autograd except inside the guidance gradient. Returns a :class:`FlowTrajectory`.
     """
@@ -210,7 +214,13 @@ def rollout(
         if cond is None:
             cond = pipeline.encode_prompts(prompts, cfg=cfg_scale is not None)
         cond = cond_repeat(cond, n)
-        if same_noise_per_prompt:
+        if noise is not None:
+            if noise.shape[0] != B or noise.shape[1] != num_steps + 1:
+                raise ValueError(f"noise must be [B, K+1, ...] = [{B}, {num_steps + 1}, ...]; got {tuple(noise.shape)}")
+            x = noise[:, 0].to(device=device, dtype=pipeline.dtype)
+            if same_noise_per_prompt:
+                x = x[::n].repeat_interleave(n, dim=0)
+        elif same_noise_per_prompt:
             x = pipeline.initial_noise(P, generator=gen).repeat_interleave(n, dim=0)
         else:
             x = pipeline.initial_noise(B, generator=gen)
@@ -244,8 +254,9 @@ def rollout(
             if keep_drift:
                 drifts[k] = drift
         with torch.no_grad():
+            eps = None if noise is None or step_kind == "ode" else noise[:, k + 1].to(device=device, dtype=torch.float32)
             out = sde_step(step_kind, x, v, s, sn, noise_level=noise_level, generator=gen, drift=drift,
-                           logp_reduce=logp_reduce)
+                           logp_reduce=logp_reduce, noise=eps)
             lp = out.log_prob
             if lp is not None and drift is not None and not keep_drift:
                 # Euphonium: drawn from the guided kernel, scored under the unguided mean.
