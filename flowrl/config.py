@@ -30,6 +30,8 @@ def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return " | ".join(map(str, typing.get_args(tp)))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

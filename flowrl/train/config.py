@@ -1,0 +1,137 @@
+"""The training config: one typed dataclass tree for every algorithm, read from ``configs/*.yaml``.
+
+Shared sections (the loop, optimiser, LoRA, EMA, advantage, policy loss, evaluation) sit at the top
+level; ``flow`` holds what only a flow-model run reads (sampler, guidance, turning points, critic).
+``flowrl train CONFIG --set key=value`` overrides any leaf; ``flowrl train --help-config`` lists them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+from flowrl.config import field
+
+
+@dataclass
+class OptimConfig:
+    lr: float = field(1e-4, help="AdamW learning rate")
+    weight_decay: float = field(0.0, help="AdamW weight decay")
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], help="AdamW betas")
+    eps: float = field(1e-8, help="AdamW epsilon")
+    grad_clip: float = field(1.0, help="clip the global gradient norm to this (0 = off)")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = field(False, help="train LoRA adapters (peft) instead of the full model")
+    rank: int = field(8, help="LoRA rank r")
+    alpha: float = field(16.0, help="LoRA alpha (scaling alpha / r)")
+    target_modules: list[str] = field(default_factory=list, help="module names to adapt (empty: the adapter's default attention projections)")
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = field(False, help="keep an exponential moving average of the trained weights (used for evaluation)")
+    decay: float = field(0.9, help="EMA decay per update")
+    every: int = field(1, help="update the EMA every this many optimiser steps")
+
+
+@dataclass
+class AdvantageConfig:
+    estimator: str = field("grpo", help="registered advantage estimator (flowrl.core.ADVANTAGES)")
+    params: dict[str, Any] = field(default_factory=dict, help="keyword parameters of the estimator")
+    filter_zero_variance: bool = field(False, help="drop groups whose rewards are all equal (DAPO dynamic sampling); counted in metrics")
+
+
+@dataclass
+class PolicyLossConfig:
+    name: str = field("ppo_clip", help="registered policy loss (flowrl.core.LOSSES)")
+    agg: str = field("token_mean", help="loss aggregation: token_mean | seq_mean_token_mean | seq_mean_token_sum | seq_mean_token_sum_norm")
+    params: dict[str, Any] = field(default_factory=lambda: {"eps_low": 1e-4, "adv_clip": 5.0},
+                                   help="keyword parameters of the loss (eps_low/eps_high/dual_clip/adv_clip ...)")
+    kl_beta: float = field(0.0, help="weight of the KL to the reference policy in the loss (0 = no reference pass)")
+
+
+@dataclass
+class EvalConfig:
+    every: int = field(10, help="evaluate every this many iterations (and at the start and the end)")
+    num_per_prompt: int = field(20, help="evaluation samples per evaluation prompt")
+    seed: int = field(1234, help="seed of the evaluation noise (fixed across evaluations)")
+    grid_per_prompt: int = field(8, help="samples per prompt in the PNG grid")
+
+
+@dataclass
+class GuidanceConfig:
+    enabled: bool = field(False, help="steer sampling with the process reward's gradient (Euphonium)")
+    scale: float = field(0.01, help="lambda: drift = lambda * Delta * grad r (ignored in KL mode)")
+    kl_beta: Optional[float] = field(None, help="KL mode: lambda = g^2 / (2 beta)")
+    normalize: bool = field(False, help="RMS-normalise the reward gradient per sample")
+    window: Optional[list[int]] = field(None, help="[start, stop) steps where guidance applies (None: all)")
+    estimator: Literal["autograd", "spsa"] = field("autograd", help="gradient of the process reward: autograd or SPSA")
+    logprob_mean: Literal["unguided", "guided"] = field("unguided", help="score actions under the unguided mean (distils guidance) or the guided one")
+    eval_guided: bool = field(False, help="also evaluate with guidance (the default evaluation is unguided)")
+
+
+@dataclass
+class CriticConfig:
+    """AC-Flow (actor-critic flow fine-tuning)."""
+
+    lr: float = field(1e-3, help="critic learning rate")
+    width: int = field(64, help="critic hidden width")
+    warmup_iters: int = field(5, help="iterations during which only the critic trains and the actor uses plain normalised rewards")
+    updates_per_iter: int = field(4, help="critic regression steps per iteration")
+    adv_clip: float = field(2.0, help="clip A = G - V to [-c, c]")
+    temperature: float = field(1.0, help="tau in the weight w = exp(A / tau), normalised to mean 1 over the batch")
+    w2_alpha: float = field(1.0, help="alpha of the Wasserstein-2 regulariser alpha * ||v - v_ref||^2")
+    fm_samples: int = field(2, help="noise levels drawn per sample for the weighted flow-matching loss")
+
+
+@dataclass
+class FlowConfig:
+    model: str = field("digits", help="pipeline: digits | sd3 | flux | wan")
+    model_path: Optional[str] = field(None, help="hub id or local directory of the model (None: the embedded digits weights)")
+    dtype: Literal["float32", "bfloat16", "float16"] = field("float32", help="model dtype (bf16/fp16 on GPU)")
+    prompts: list[str] = field(default_factory=list, help="training prompts (empty: the task's default set, e.g. the ten digits)")
+    prompt_file: Optional[str] = field(None, help="file with one training prompt per line (overrides prompts)")
+    eval_prompts: list[str] = field(default_factory=list, help="evaluation prompts (empty: the training prompts)")
+    num_steps: int = field(6, help="denoising steps per rollout")
+    kind: Literal["flow_sde", "dance_sde", "cps"] = field("flow_sde", help="SDE kernel of the rollouts")
+    noise_level: float = field(0.7, help="kernel noise level (a in Flow-GRPO, eta in DanceGRPO, the cps angle)")
+    cfg_scale: Optional[float] = field(None, help="classifier-free guidance scale (None: off)")
+    sde_window: Optional[list[int]] = field(None, help="[start, stop): SDE only on these steps, ODE elsewhere (Flow-GRPO-Fast)")
+    same_noise_per_prompt: bool = field(False, help="one initial noise per prompt's group (DanceGRPO)")
+    timestep_fraction: float = field(1.0, help="fraction of the SDE steps trained per iteration, drawn at random (DanceGRPO)")
+    steps_per_backward: int = field(0, help="denoising steps per forward/backward chunk (0: all at once)")
+    rewards: dict[str, Any] = field(default_factory=lambda: {"digits": {"weight": 1.0}},
+                                    help="outcome rewards {name: {weight, type, options}} (flowrl.rewards.build_rewards)")
+    process_reward: Optional[dict[str, Any]] = field(None, help="process reward {type: registered name, ...options} for guidance / dual rewards")
+    process_weight: float = field(0.0, help="Euphonium dual-reward weight c_P of the per-step process-reward advantage")
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig, help="reward-gradient guidance (Euphonium)")
+    tp_eta: float = field(1.0, help="TurningPoint-GRPO: eta of the turning-point bonus")
+    tp_balance: bool = field(False, help="TurningPoint-GRPO: balance positive and negative bonuses in the batch")
+    critic: CriticConfig = field(default_factory=CriticConfig, help="AC-Flow critic")
+
+
+@dataclass
+class TrainConfig:
+    algorithm: Literal["flow_grpo", "dance_grpo", "tp_grpo", "euphonium", "ac_flow"] = field(
+        "flow_grpo", help="what the iteration does with a rollout (the estimator and loss are set below)")
+    seed: int = field(0, help="seed of everything (rollout noise, prompt order, minibatches)")
+    iterations: int = field(60, help="rollout-and-update iterations")
+    prompts_per_iter: int = field(10, help="prompts per iteration (over all ranks)")
+    group_size: int = field(16, help="samples per prompt (a GRPO group)")
+    updates_per_rollout: int = field(1, help="passes over each rollout (mu)")
+    minibatches: int = field(1, help="optimiser steps per pass (the rollout is split into this many minibatches)")
+    threads: int = field(1, help="torch CPU threads (1 is fastest on small shared CPUs)")
+    max_minutes: float = field(0.0, help="stop after this many minutes of training (0: no limit)")
+    save_every: int = field(10, help="checkpoint every this many iterations (and at the end)")
+    progress: bool = field(True, help="show progress bars")
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"], help="accelerate trackers (tensorboard, wandb)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = field("no", help="accelerate mixed precision (GPU only; 'no' on CPU)")
+    optim: OptimConfig = field(default_factory=OptimConfig, help="optimiser")
+    lora: LoraConfig = field(default_factory=LoraConfig, help="LoRA adapters")
+    ema: EMAConfig = field(default_factory=EMAConfig, help="EMA of the trained weights")
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig, help="advantage estimator")
+    loss: PolicyLossConfig = field(default_factory=PolicyLossConfig, help="policy loss")
+    eval: EvalConfig = field(default_factory=EvalConfig, help="evaluation")
+    flow: FlowConfig = field(default_factory=FlowConfig, help="flow-model rollouts")

@@ -1,0 +1,263 @@
+"""The one training loop: rollout -> score -> advantages -> minibatch updates -> log / evaluate / checkpoint.
+
+A *task* supplies what depends on the model family (flow: ``flowrl.train.flow_task``; LLM: its own
+task); everything else is here, once. Read one iteration top to bottom in :func:`train`.
+
+Determinism: every random draw of iteration ``it`` (prompts, rollout noise, minibatch order) comes
+from generators seeded with ``(seed, it, rank)``, so a run killed after iteration k and resumed from
+its checkpoint continues exactly as the uninterrupted run (the resume test checks the metrics).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from flowrl.config import to_dict
+from flowrl.core import TrajectoryBatch, compute_advantages, zero_variance_filter
+from flowrl.core.groups import world_size
+from flowrl.train.checkpoint import (
+    CheckpointError, config_fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint,
+)
+from flowrl.train.config import TrainConfig
+from flowrl.train.ema import EMA
+from flowrl.train.metrics_log import MetricsLogger, plot_curves
+
+# Keys that may change between a run and its resume (they do not change what an iteration computes).
+RESUMABLE_KEYS = ("iterations", "max_minutes", "progress", "save_every", "trackers")
+
+
+@dataclasses.dataclass
+class Rollout:
+    """What a task's rollout hands to the loop: the batch (rewards filled, no advantages yet), the
+    model-specific tensors beside it (``side``, read only by the task) and metrics of the rollout."""
+
+    batch: TrajectoryBatch
+    side: Any
+    metrics: dict[str, float]
+
+
+class Task(Protocol):
+    """The model-family half of training. ``module`` is what the optimiser updates."""
+
+    module: torch.nn.Module
+
+    def rollout(self, it: int, generator: torch.Generator) -> Rollout: ...
+
+    def prepare_update(self, rollout: Rollout, batch: TrajectoryBatch, adv: Tensor, it: int) -> tuple[Tensor, dict]:
+        """Hook before the updates (e.g. train a critic); may replace the advantages. Returns (adv, metrics)."""
+        ...
+
+    def backward(self, rollout: Rollout, index: Tensor, batch: TrajectoryBatch, adv: Tensor, it: int) -> dict: ...
+
+    def evaluate(self, step: int, out_dir: Path) -> dict[str, float]: ...
+
+    def extra_state(self) -> dict[str, Tensor]: ...
+
+    def load_extra_state(self, state: dict[str, Tensor]) -> None: ...
+
+    def export(self, out_dir: Path) -> None: ...
+
+
+def iteration_generator(seed: int, it: int, rank: int, salt: int = 0) -> torch.Generator:
+    """A CPU generator for iteration ``it`` of rank ``rank`` (independent streams by ``salt``)."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + it) * 7919 + rank) * 31 + salt)
+
+
+def _mean_metrics(rows: list[dict]) -> dict[str, float]:
+    keys = {k for r in rows for k in r}
+    out = {}
+    for k in sorted(keys):
+        vals = [float(r[k]) for r in rows if k in r]
+        out[k] = sum(vals) / len(vals)
+    return out
+
+
+def check_run_dir(out_dir: Path, cfg: TrainConfig, resume: bool) -> tuple[str, Optional[Any]]:
+    """Config fingerprint and the checkpoint to resume from; refuse mismatches before any compute."""
+    fp = config_fingerprint(to_dict(cfg), ignore=RESUMABLE_KEYS)
+    ckpt = latest_checkpoint(out_dir / "checkpoints")
+    if resume:
+        if ckpt is None:
+            raise CheckpointError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}; start without --resume")
+        if ckpt.meta.get("fingerprint") != fp:
+            raise CheckpointError(
+                f"--resume: {out_dir} was written by a different config (fingerprint {ckpt.meta.get('fingerprint')} "
+                f"!= {fp}); only {list(RESUMABLE_KEYS)} may change on resume. Use the same config or a new --out"
+            )
+    elif ckpt is not None:
+        raise CheckpointError(f"{out_dir} already holds checkpoints (step {ckpt.step}); pass --resume to continue "
+                              "or choose a new --out directory")
+    return fp, ckpt if resume else None
+
+
+def make_accelerator(cfg: TrainConfig, out_dir: Path):
+    from accelerate import Accelerator
+
+    cpu = not torch.cuda.is_available()
+    trackers = [t for t in cfg.trackers if t != "wandb" or _has("wandb")]
+    acc = Accelerator(cpu=cpu, mixed_precision="no" if cpu else cfg.mixed_precision,
+                      log_with=trackers or None, project_dir=str(out_dir))
+    if trackers:
+        acc.init_trackers("flowrl", config=_flat(to_dict(cfg)))
+    return acc
+
+
+def _has(mod: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(mod) is not None
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[key] = v
+        else:
+            out[key] = str(v)
+    return out
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, task: Optional[Task] = None,
+          accelerator=None) -> dict[str, float]:
+    """Run ``cfg`` into ``out_dir``; returns the last evaluation's metrics."""
+    out_dir = Path(out_dir)
+    torch.set_num_threads(cfg.threads)
+    fingerprint, ckpt = check_run_dir(out_dir, cfg, resume)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(_yaml(to_dict(cfg)))
+    acc = accelerator if accelerator is not None else make_accelerator(cfg, out_dir)
+    rank, main = acc.process_index, acc.is_main_process
+    if task is None:
+        from flowrl.train.tasks import build_task
+
+        task = build_task(cfg, acc)
+    params = [p for p in task.module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the task's module has no trainable parameter")
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay)
+    module, optimizer = acc.prepare(task.module, optimizer)
+    if hasattr(task, "set_forward_module"):
+        task.set_forward_module(module)  # forward through the DDP/FSDP wrapper so gradients are synchronised
+    ema = EMA(params, decay=cfg.ema.decay) if cfg.ema.enabled else None
+
+    start = 0
+    if ckpt is not None:
+        model_state, trainer_state, meta = load_checkpoint(ckpt, fingerprint=fingerprint, device=acc.device)
+        named = dict(task.module.named_parameters())
+        missing = [k for k in model_state if k not in named]
+        if missing:
+            raise CheckpointError(f"checkpoint {ckpt.path} has weights the model lacks: {missing[:5]}")
+        with torch.no_grad():
+            for k, v in model_state.items():
+                named[k].copy_(v)
+        optimizer.load_state_dict(trainer_state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(trainer_state["ema"])
+        task.load_extra_state(trainer_state.get("task", {}))
+        start = ckpt.step
+    logger = MetricsLogger(out_dir, accelerator=acc, resume_step=start if ckpt is not None else None, is_main=main)
+
+    def evaluate(step: int) -> dict[str, float]:
+        with (ema.swapped() if ema is not None else _null()):
+            m = task.evaluate(step, out_dir)
+        logger.log(m, step=step, split="eval")
+        return m
+
+    def checkpoint(step: int) -> None:
+        acc.wait_for_everyone()
+        if main:
+            trainable = {k: v for k, v in task.module.named_parameters() if v.requires_grad}
+            save_checkpoint(out_dir / "checkpoints", step, model_state=trainable,
+                            trainer_state={"optimizer": optimizer.state_dict(),
+                                           "ema": ema.state_dict() if ema is not None else {},
+                                           "task": task.extra_state()},
+                            meta={"fingerprint": fingerprint})
+        acc.wait_for_everyone()
+
+    last_eval = evaluate(0) if start == 0 else {}
+    t_start = time.time()
+    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="train",
+               disable=not (cfg.progress and main))
+    for it in bar:
+        t0 = time.time()
+        roll = task.rollout(it, iteration_generator(cfg.seed, it, rank))
+        batch = roll.batch.validate()
+        metrics = dict(roll.metrics)
+        if cfg.advantage.filter_zero_variance:
+            keep = zero_variance_filter(batch.outcome, batch.group, valid=batch.valid)
+            metrics["filter/kept_frac"] = float(keep.float().mean())
+            batch = dataclasses.replace(batch, sample_valid=keep, mask=batch.mask & keep[:, None])
+        adv = compute_advantages(cfg.advantage.estimator, batch, **cfg.advantage.params)
+        adv, prep = task.prepare_update(roll, batch, adv, it)
+        metrics.update(prep)
+        t_roll = time.time() - t0
+
+        rows = []
+        for epoch in range(cfg.updates_per_rollout):
+            gen = iteration_generator(cfg.seed, it, rank, salt=1 + epoch)
+            for idx, mb in batch.minibatches(cfg.minibatches, gen):
+                optimizer.zero_grad(set_to_none=True)
+                m = task.backward(roll, idx, mb, adv[idx], it)
+                if cfg.optim.grad_clip > 0:
+                    m["grad_norm"] = float(acc.clip_grad_norm_(params, cfg.optim.grad_clip))
+                optimizer.step()
+                if ema is not None:
+                    ema.update(params)
+                rows.append(m)
+        metrics.update(_mean_metrics(rows))
+        metrics.update({"time/rollout_s": t_roll, "time/iteration_s": time.time() - t0,
+                        "time/elapsed_s": time.time() - t_start})
+        step = it + 1
+        row = logger.log(metrics, step=step)
+        bar.set_postfix(reward=f"{row.get('reward', float('nan')):.3f}", s_per_it=f"{row['time/iteration_s']:.2f}")
+        out_of_time = cfg.max_minutes > 0 and (time.time() - t_start) > 60 * cfg.max_minutes
+        if step % cfg.eval.every == 0 or step == cfg.iterations or out_of_time:
+            last_eval = evaluate(step)
+        if step % cfg.save_every == 0 or step == cfg.iterations or out_of_time:
+            checkpoint(step)
+        if out_of_time:
+            break
+    bar.close()
+    if main:
+        task.export(out_dir)
+        plot_curves(out_dir, keys=_curve_keys(out_dir))
+        from flowrl.train.report import write_report
+
+        write_report(out_dir)
+    acc.wait_for_everyone()
+    acc.end_training()
+    return last_eval
+
+
+def _curve_keys(out_dir: Path) -> list[str]:
+    from flowrl.train.metrics_log import read_metrics
+
+    rows = read_metrics(out_dir, split="eval")
+    keys = [k for k in ("reward", "accuracy", "reward_accuracy", "realism") if any(k in r for r in rows)]
+    return keys or ["reward"]
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _yaml(d: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(d, sort_keys=False)
