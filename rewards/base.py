@@ -151,9 +151,10 @@ class Reward:
                 f"reward {self.name!r} returned {type(parts).__name__} with keys "
                 f"{sorted(parts) if isinstance(parts, Mapping) else None}; it must return a dict with the key {self.name!r}"
             )
+        dev = samples.device if isinstance(samples, Tensor) else torch.device("cpu")  # parts live with the samples
         out: Parts = {}
         for k, v in parts.items():
-            v = torch.as_tensor(v)
+            v = torch.as_tensor(v).to(dev)
             if tuple(v.shape) != (B,):
                 raise RewardError(f"reward {self.name!r} part {k!r} has shape {tuple(v.shape)}; expected float [B] = ({B},)")
             out[k] = v.to(torch.float32) if v.dtype != torch.bool else v
@@ -496,6 +497,10 @@ def to_image_tensor(samples: Samples) -> Tensor:
             return x.float() / 255.0
         if not x.is_floating_point():
             raise TypeError(f"image reward: image tensor dtype {x.dtype} is not float or uint8")
+        lo, hi = float(x.detach().min()), float(x.detach().max())
+        if lo < -1e-3 or hi > 1 + 1e-3 or lo != lo or hi != hi:
+            raise ValueError(f"image reward: float images must lie in [0, 1]; got values in [{lo:.4g}, {hi:.4g}] "
+                             "(pipeline.decode gives [0, 1]; latents or [-1, 1] pixels are not images)")
         return x.float()
     if isinstance(samples, (list, tuple)) and samples and all(hasattr(s, "convert") for s in samples):
         arrs = [np.asarray(s.convert("RGB"), dtype=np.uint8) for s in samples]

@@ -144,7 +144,8 @@ class ODECompletionReward:
     pipeline: a FlowPipeline. reward: an outcome reward object, a registered name, or {"type": name, **options}.
     """
 
-    def __init__(self, pipeline: Any, reward: Any, *, cfg_scale: Optional[float] = None, name: str = "ode_completion"):
+    def __init__(self, pipeline: Any, reward: Any, *, sigmas: Optional[Tensor] = None, cfg_scale: Optional[float] = None,
+                 name: str = "ode_completion"):
         if isinstance(reward, str):
             reward = build_reward(reward)
         elif isinstance(reward, Mapping):
@@ -154,6 +155,7 @@ class ODECompletionReward:
             raise TypeError(f"ode_completion: reward must be an outcome reward, a registered name or a spec; got {reward!r}")
         self.pipeline, self.reward, self.cfg_scale, self.name = pipeline, reward, cfg_scale, name
         self.differentiable = False
+        self.sigmas = None if sigmas is None else torch.as_tensor(sigmas, dtype=torch.float32)
 
     def _score(self, images: Tensor, prompts: Optional[Sequence[str]], meta) -> Tensor:
         B = images.shape[0]
@@ -163,12 +165,16 @@ class ODECompletionReward:
             raise RewardError(f"ode_completion: the outcome reward gave no score part {key!r}; parts: {sorted(parts)}")
         return parts[key].float()
 
-    def __call__(self, x_t: Tensor, sigma: Tensor, cond: Mapping[str, Tensor], *, sigmas: Tensor,
+    def __call__(self, x_t: Tensor, sigma: Tensor, cond: Mapping[str, Tensor], *, sigmas: Optional[Tensor] = None,
                  prompts: Optional[Sequence[str]] = None, meta: Optional[Mapping[str, Any]] = None) -> Tensor:
         """R_t for x_t [B, ...] at noise level sigma (float [B], one value, found in the schedule ``sigmas``
-        float [K+1]). Returns float [B] (NaN where the outcome reward masks a sample)."""
+        float [K+1], default: the one given at construction). Returns float [B] (NaN where the outcome
+        reward masks a sample)."""
         from flowrl.flow.sampler import ode_complete
 
+        sigmas = self.sigmas if sigmas is None else sigmas
+        if sigmas is None:
+            raise ValueError("ode_completion: give the schedule sigmas (float [K+1]) at construction or in the call")
         sig = torch.as_tensor(sigma, dtype=torch.float32).flatten().cpu()
         sched = torch.as_tensor(sigmas, dtype=torch.float32).cpu()
         if sig.numel() == 0 or not bool((sig == sig[0]).all()):

@@ -222,6 +222,10 @@ def test_ode_completion_matches_euler_loop():
 
     got = pr(x, sig[1].expand(3), cond, sigmas=sig)
     torch.testing.assert_close(got, ref_complete(x, 1, cond), atol=1e-6, rtol=1e-5)
+    bound = build_process_reward("ode_completion", pipeline=pipe, reward="flow_test_first", sigmas=sig)
+    torch.testing.assert_close(bound(x, sig[1].expand(3), cond), got)
+    with pytest.raises(ValueError, match="give the schedule sigmas"):
+        pr(x, sig[1].expand(3), cond)
     with pytest.raises(ValueError, match="not in the schedule"):
         pr(x, torch.full((3,), 0.33), cond, sigmas=sig)
 

@@ -223,6 +223,8 @@ def test_registry_names_and_unknown_options():
         build_reward("jpeg_compressibility", qualty=90)
     with pytest.raises(ValueError, match="on_error='zero'.*valid values"):
         build_reward("jpeg_compressibility", on_error="zero")
+    with pytest.raises(RewardError, match=r"must lie in \[0, 1\].*\[-1, 1\] pixels"):
+        build_reward("jpeg_compressibility")(torch.rand(2, 3, 8, 8) * 2 - 1, ["a", "b"])
     with pytest.raises(ValueError, match="3 samples but 2 prompts"):
         build_reward("jpeg_compressibility")(torch.rand(3, 3, 8, 8), ["a", "b"])
 
