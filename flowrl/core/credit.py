@@ -8,8 +8,9 @@ actions through ``batch.step`` with ``gather_steps``.
 
 Conventions shared by this module:
 
-* **Present steps.** Steps are numbered contiguously from 0; step s of trajectory i is *present* when
-  s <= L_i, the largest step index among i's valid actions (``_last_step``). A trajectory with no valid
+* **Present steps.** Steps are numbered contiguously from 0 in the order of the actions (``step`` is
+  non-decreasing along T, as every rollout here produces it); step s of trajectory i is *present* when
+  s <= L_i, the step of i's last valid action (``_last_step``). A trajectory with no valid
   action has no present step. Invalid samples (``batch.sample_valid`` False) have none either and take
   part in no statistic.
 * **Probe values.** Estimators built on a probe of the partial trajectory (TurningPoint-GRPO's
