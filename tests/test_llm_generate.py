@@ -265,3 +265,32 @@ def test_vllm_backend_missing_raises_clear_import_error(monkeypatch, char_lm_dir
         vllm_backend.VLLMGenerator("some/model", tokenizer=None)
     with pytest.raises(ImportError, match="backend='transformers'"):
         load_causal_lm(str(char_lm_dir), backend="vllm")
+
+
+def test_model_generation_config_does_not_leak(tiny_dir, gen):
+    """A checkpoint's generation_config (top_k=1, repetition penalty, temperature) must not change sampling."""
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    m.generation_config.top_k = 1
+    m.generation_config.top_p = 0.5
+    m.generation_config.temperature = 0.1
+    m.generation_config.repetition_penalty = 3.0
+    ids, am = ragged_prompts(gen)
+    g = generate(m, ids, am, max_new_tokens=12, temperature=1.0, generator=gen)
+    greedy = generate(m, ids, am, max_new_tokens=12, temperature=0.0)
+    assert g.sampler_logp is None
+    assert not torch.equal(g.completion_ids, greedy.completion_ids)  # top_k=1 would make them equal
+    with torch.no_grad():
+        re = token_logprobs(m, g.input_ids, g.attention_mask, g.completion_mask)
+    assert float((re - g.logp).abs()[g.completion_mask].max()) < 1e-5
+    # a greedy step is the argmax of the raw logits (no repetition penalty): checked by recompute
+    with torch.no_grad():
+        logits = full_logits(m, greedy.input_ids, greedy.attention_mask)
+    for b in range(ids.shape[0]):
+        n_prompt = int(am[b].sum())
+        for t in range(int(greedy.lengths[b])):
+            assert int(greedy.completion_ids[b, t]) == int(logits[b][n_prompt - 1 + t].argmax())
+    m.generation_config.suppress_tokens = [3]
+    with pytest.raises(ValueError, match="suppress_tokens"):
+        generate(m, ids, am, max_new_tokens=4)

@@ -102,6 +102,25 @@ def _logp_entropy(logits: Tensor, tokens: Tensor, temperature: float) -> tuple[T
     return logp, ent
 
 
+# generation_config fields whose logits processors have no neutral non-None value: generate() cannot
+# switch them off for one call, and they would make the sampler's distribution differ from softmax(z / tau).
+_UNSUPPORTED = ("bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
+                "forced_eos_token_id", "sequence_bias", "exponential_decay_length_penalty", "min_p", "top_h",
+                "watermarking_config")
+
+
+def _refuse_processors(model) -> None:
+    gc = getattr(model, "generation_config", None)
+    bad = [k for k in _UNSUPPORTED if gc is not None and getattr(gc, k, None) is not None]
+    if gc is not None and getattr(gc, "min_length", None) not in (None, 0):
+        bad.append("min_length")
+    if bad:
+        raise ValueError(
+            f"generate: the model's generation_config sets {bad}, logits processors that change the sampling "
+            "distribution and would bias the log-probs; set them to None in model.generation_config"
+        )
+
+
 def _check_prompts(input_ids: Tensor, attention_mask: Tensor) -> None:
     if input_ids.dim() != 2 or tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise ValueError(
@@ -155,10 +174,20 @@ def generate(
         pad = eos[0]
     greedy = temperature == 0
     truncating = not greedy and ((top_k is not None) or (top_p is not None and top_p < 1.0))
+    _refuse_processors(model)
+    # transformers fills every None field from the model's generation_config and then from global
+    # defaults (top_k=50!): every sampling knob is set explicitly to its neutral value here.
+    # (Greedy decoding adds no sampling warpers, so their knobs are left unset there.)
+    sampling = {} if greedy else dict(
+        temperature=float(temperature), top_k=(top_k if truncating and top_k else 0),
+        top_p=(top_p if truncating and top_p is not None else 1.0), typical_p=1.0, epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+    )
     cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=not greedy, num_beams=1,
-        temperature=None if greedy else float(temperature), top_k=(top_k if truncating else None),
-        top_p=(top_p if truncating else None), eos_token_id=eos, pad_token_id=int(pad),
+        max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=not greedy, num_beams=1, **sampling,
+        repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+        guidance_scale=1.0, renormalize_logits=False, remove_invalid_values=False,
+        eos_token_id=eos, pad_token_id=int(pad),
         output_logits=True, output_scores=truncating, return_dict_in_generate=True,
     )
     state = None
