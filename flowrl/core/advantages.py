@@ -78,7 +78,8 @@ def compute_advantages(name: str, batch: TrajectoryBatch, **params) -> Tensor:
     if tuple(adv.shape) != tuple(batch.mask.shape):
         raise ValueError(f"advantage estimator {name!r} returned shape {tuple(adv.shape)}; expected [B, T] = {tuple(batch.mask.shape)}")
     adv = torch.where(batch.mask, adv.to(torch.float32), torch.zeros((), device=adv.device))
-    if not bool(torch.isfinite(adv).all()):
+    lo, hi = adv.aminmax()  # NaN propagates: one pass, no [B, T] temporaries (isfinite builds two)
+    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
         raise ValueError(f"advantage estimator {name!r} produced NaN or inf; check its inputs (rewards, values, log-probs)")
     return adv
 

@@ -144,11 +144,12 @@ class TrajectoryBatch:
         if not bool(self.mask.any()):
             raise ValueError("TrajectoryBatch.mask has no valid action (all False)")
         # step indices must address step_reward / node.
+        # fast path: one pass over step with no [B, T] temporaries; the masked check only when it fails
+        lo, hi = self.step.aminmax()
         if S is not None:
-            bad = self.mask & ((self.step < 0) | (self.step >= S))
-            if bool(bad.any()):
+            if not (bool(lo >= 0) and bool(hi < S)) and bool((self.mask & ((self.step < 0) | (self.step >= S))).any()):
                 raise ValueError(f"TrajectoryBatch.step has values outside [0, S={S}) on valid actions")
-        elif bool((self.step[self.mask] < 0).any()):
+        elif not bool(lo >= 0) and bool((self.step[self.mask] < 0).any()):
             raise ValueError("TrajectoryBatch.step has negative values on valid actions")
 
         bad = ~torch.isfinite(self.outcome)
