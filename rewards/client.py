@@ -1,7 +1,7 @@
 """Client of the reward server (:mod:`flowrl.rewards.server`), with the interface of a local reward.
 
 ``RemoteReward(url)(samples, prompts, meta) -> dict[str, float [B]]`` sends the batch (images/video as a
-``.npy`` array or PNGs, text as JSON), retries connection failures, 5xx and 429 answers with exponential
+raw ``.npy`` array after a JSON header, or PNGs; text as JSON), retries connection failures, 5xx and 429 answers with exponential
 back-off (``backoff * 2**i`` seconds, ``retries`` times) and then raises :class:`RewardError`; a 4xx
 answer is the request's fault and raises at once with the server's message.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import time
 import urllib.error
 import urllib.request
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .base import Reward, RewardError, register_reward, to_image_tensor
-from .server import decode_array, encode_array, encode_png
+from .server import BINARY_TYPE, JSON_TYPE, decode_array, encode_array, encode_png, npy_bytes
 
 RETRY_STATUS = (429, 500, 502, 503, 504)
 
@@ -56,10 +57,10 @@ class RemoteReward(Reward):
             self.name = self.health()["name"]
 
     # -- HTTP with retries
-    def _request(self, path: str, body: Optional[bytes] = None) -> dict:
+    def _request(self, path: str, body: Optional[bytes] = None, content_type: str = JSON_TYPE) -> dict:
         headers = {"Accept": "application/json"}
         if body is not None:
-            headers["Content-Type"] = "application/json"
+            headers["Content-Type"] = content_type
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         last = ""
@@ -107,12 +108,20 @@ class RemoteReward(Reward):
         return out
 
     def score(self, samples: Any, prompts: Sequence[str], meta: Any) -> dict:
-        body = {"samples": self._samples(samples), "prompts": list(prompts)}
+        is_text = isinstance(samples, (list, tuple)) and bool(samples) and all(isinstance(t, str) for t in samples)
+        binary = not is_text and self.image_format == "npy"  # the array travels raw after a small JSON header
+        body = {"prompts": list(prompts)}
+        if not binary:
+            body["samples"] = self._samples(samples)
         if meta is not None:
             body["meta"] = self._meta(meta)
         try:
-            data = json.dumps(body, allow_nan=False).encode("utf-8")
+            head = json.dumps(body, allow_nan=False).encode("utf-8")
         except (TypeError, ValueError) as e:
             raise TypeError(f"remote reward: meta must hold tensors, arrays or JSON values; {e}") from None
-        ans = self._request("/score", data)
+        if binary:
+            x = samples.float() if isinstance(samples, Tensor) and samples.dim() == 5 else to_image_tensor(samples)
+            ans = self._request("/score", struct.pack(">Q", len(head)) + head + npy_bytes(x), BINARY_TYPE)
+        else:
+            ans = self._request("/score", head)
         return {k: torch.from_numpy(decode_array(v, f"answer part {k}").copy()) for k, v in ans["parts"].items()}

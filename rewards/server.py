@@ -13,6 +13,8 @@ Wire format (JSON; nothing is unpickled)::
                 | {"text": [str] * B},                     # text
        "meta": {key: JSON value | {"npy": base64}}}       # optional, batch-first values
     -> 200 {"name": str, "parts": {key: {"npy": base64}}}
+    POST /score   Content-Type: application/x-flowrl-npy      (the same without base64 or JSON around the array)
+      [8-byte big-endian n][n bytes of JSON {"prompts": [...], "meta": {...}}][.npy bytes of the samples]
     GET /health -> 200 {"ok": true, "name": str, "rewards": {name: weight}, "limits": {...}}
 
 Errors are JSON ``{"error": message}`` with a 4xx status (400 malformed, 401 token, 404 path, 405 method,
@@ -29,6 +31,7 @@ import hmac
 import io
 import ipaddress
 import json
+import struct
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -41,6 +44,8 @@ from torch import Tensor
 from .base import CombinedReward, Reward, build_rewards
 
 LOOPBACK_NAMES = ("localhost",)
+JSON_TYPE = "application/json"
+BINARY_TYPE = "application/x-flowrl-npy"  # [8-byte big-endian n][n bytes JSON {prompts, meta}][.npy samples]
 DRAIN_BYTES = 256 * 2**20  # an oversized body up to this size is read and dropped before the 413
 
 
@@ -65,12 +70,28 @@ def is_loopback(host: str) -> bool:
 # --------------------------------------------------------------------------------------------- encoding
 def encode_array(a: Any) -> dict:
     """{"npy": base64 of the .npy bytes} of a tensor or array (bool/int/uint/float only)."""
+    return {"npy": base64.b64encode(npy_bytes(a)).decode("ascii")}
+
+
+def npy_bytes(a: Any) -> bytes:
+    """The .npy bytes of a tensor or array (bool/int/uint/float only)."""
     arr = a.detach().cpu().numpy() if isinstance(a, Tensor) else np.asarray(a)
     if arr.dtype.kind not in "biuf":
         raise TypeError(f"only bool, int, uint and float arrays travel; got dtype {arr.dtype}")
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
-    return {"npy": base64.b64encode(buf.getvalue()).decode("ascii")}
+    return buf.getvalue()
+
+
+def decode_npy_bytes(raw: bytes, what: str) -> np.ndarray:
+    """The array in .npy bytes, read with allow_pickle=False; RequestError(400/422) otherwise."""
+    try:
+        arr = np.load(io.BytesIO(raw), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise RequestError(400, f"{what}: not a .npy array without pickle ({type(e).__name__}: {e})")
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "biuf":
+        raise RequestError(422, f"{what}: dtype {getattr(arr, 'dtype', None)} not allowed; use bool, int, uint or float")
+    return arr
 
 
 def decode_array(obj: Any, what: str) -> np.ndarray:
@@ -79,12 +100,9 @@ def decode_array(obj: Any, what: str) -> np.ndarray:
         raise RequestError(400, f"{what}: expected {{\"npy\": base64 string}}")
     try:
         raw = base64.b64decode(obj["npy"], validate=True)
-        arr = np.load(io.BytesIO(raw), allow_pickle=False)
-    except (binascii.Error, ValueError, OSError, EOFError) as e:
+    except (binascii.Error, ValueError) as e:
         raise RequestError(400, f"{what}: not a base64 .npy array without pickle ({type(e).__name__}: {e})")
-    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "biuf":
-        raise RequestError(422, f"{what}: dtype {getattr(arr, 'dtype', None)} not allowed; use bool, int, uint or float")
-    return arr
+    return decode_npy_bytes(raw, what)
 
 
 def encode_png(img: Tensor) -> str:
@@ -213,11 +231,27 @@ class RewardServer:
                 "limits": {"max_body_bytes": self.limits.max_body_bytes, "max_batch": self.limits.max_batch,
                            "timeout_s": self.limits.timeout_s}}
 
-    def parse(self, body: bytes) -> tuple[Any, list[str], Optional[dict]]:
+    def parse(self, body: bytes, binary: bool = False) -> tuple[Any, list[str], Optional[dict]]:
+        """(samples, prompts, meta) of a request body: JSON, or (``binary``) the framed form
+        [8-byte big-endian n][n bytes of JSON {"prompts", "meta"}][.npy bytes of the samples]."""
+        raw_npy = None
+        if binary:
+            if len(body) < 8:
+                raise RequestError(400, "binary body shorter than its 8-byte header length")
+            n = struct.unpack(">Q", body[:8])[0]
+            if n > len(body) - 8:
+                raise RequestError(400, f"binary body: header length {n} > the {len(body) - 8} bytes that follow")
+            head, raw_npy = body[8 : 8 + n], body[8 + n :]
+        else:
+            head = body
         try:
-            req = json.loads(body.decode("utf-8"))
+            req = json.loads(head.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise RequestError(400, f"body is not JSON: {e}")
+        if binary and isinstance(req, dict):
+            if "samples" in req:
+                raise RequestError(400, "binary body: the samples are the .npy bytes after the JSON header, not a field")
+            req["samples"] = {"npy": raw_npy}
         if not isinstance(req, dict):
             raise RequestError(400, "body must be a JSON object with 'samples' and 'prompts'")
         unknown = sorted(set(req) - {"samples", "prompts", "meta"})
@@ -243,7 +277,7 @@ class RewardServer:
                 raise RequestError(413, f"batch of {B} samples > limit {self.limits.max_batch}")
             samples = decode_pngs(val, self.limits.max_pixels)
         else:
-            arr = decode_array(s, "samples")
+            arr = decode_array(s, "samples") if not binary else decode_npy_bytes(raw_npy, "samples")
             if arr.ndim not in (4, 5):
                 raise RequestError(422, f"samples.npy must be [B, C, H, W] or [B, F, C, H, W]; got shape {arr.shape}")
             if arr.dtype == np.uint8:
@@ -350,11 +384,11 @@ def _make_handler(server: RewardServer):
                             left -= len(chunk)
                     raise RequestError(413, f"body of {n} bytes > limit {server.limits.max_body_bytes}")
                 body = self.rfile.read(n)
-                if ctype != "application/json":
-                    raise RequestError(415, f"Content-Type {ctype!r}; use application/json")
+                if ctype not in (JSON_TYPE, BINARY_TYPE):
+                    raise RequestError(415, f"Content-Type {ctype!r}; use {JSON_TYPE} or {BINARY_TYPE}")
                 if len(body) != n:
                     raise RequestError(400, "body shorter than Content-Length")
-                samples, prompts, meta = server.parse(body)
+                samples, prompts, meta = server.parse(body, binary=ctype == BINARY_TYPE)
                 self._send(200, server.run(samples, prompts, meta))
 
             self._guard(go)

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -113,6 +114,11 @@ def _post(srv, obj, headers=None):
     return _raw(srv, "POST", "/score", body, {"Content-Type": "application/json", **(headers or {})})
 
 
+def _framed(head, raw):
+    h = json.dumps(head).encode()
+    return struct.pack(">Q", len(h)) + h + raw
+
+
 def _ok_body(B=2):
     return {"samples": encode_array(torch.rand(B, 3, 8, 8)), "prompts": ["p"] * B}
 
@@ -138,6 +144,15 @@ def test_bad_requests_refused_and_server_keeps_serving(server):
         ("body too big", lambda: _post(server, {"samples": {"text": ["a" * 300_000]}, "prompts": ["p"]}), 413, "limit 200000"),
         ("unknown path", lambda: _raw(server, "POST", "/nope", b"{}", {"Content-Type": "application/json"}), 404, "POST /score"),
         ("wrong method", lambda: _raw(server, "GET", "/score"), 405, "POST /score"),
+        ("binary: short", lambda: _raw(server, "POST", "/score", b"\x00\x01", {"Content-Type": "application/x-flowrl-npy"}), 400, "8-byte"),
+        ("binary: bad header length", lambda: _raw(server, "POST", "/score", struct.pack(">Q", 999) + b"{}",
+                                                   {"Content-Type": "application/x-flowrl-npy"}), 400, "header length 999"),
+        ("binary: truncated header", lambda: _raw(server, "POST", "/score", struct.pack(">Q", 16) + b'{"prompts":["p"]}'[:16]
+                                               + b"", {"Content-Type": "application/x-flowrl-npy"}), 400, "not JSON"),
+        ("binary: object array", lambda: _raw(server, "POST", "/score", _framed({"prompts": ["p"]}, obj_arr.getvalue()),
+                                              {"Content-Type": "application/x-flowrl-npy"}), 400, "without pickle"),
+        ("binary: samples field", lambda: _raw(server, "POST", "/score", _framed({"prompts": ["p"], "samples": 1}, b""),
+                                               {"Content-Type": "application/x-flowrl-npy"}), 400, "not a field"),
         ("not a PNG", lambda: _post(server, {"samples": {"png": [base64.b64encode(b"hello").decode()]}, "prompts": ["p"]}), 400, "PNG"),
         ("reward fails", lambda: _post(server, {"samples": {"text": ["a"]}, "prompts": ["p"]}), 500, "jpeg_incompressibility"),
     ]
