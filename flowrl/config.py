@@ -18,6 +18,22 @@ import yaml
 T = TypeVar("T")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with the 1.2 core schema's booleans: only true/false (so ``no``, ``on``, ``off`` stay strings,
+    e.g. ``mixed_precision: no``) and floats without a dot (``3e-4``)."""
+
+
+_Loader.yaml_implicit_resolvers = {k: [(t, r) for t, r in v if t != "tag:yaml.org,2002:bool"]
+                                   for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", __import__("re").compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text with flowrl's loader (see ``_Loader``)."""
+    return yaml.load(text, Loader=_Loader)
+
+
 class ConfigError(ValueError):
     """A config that cannot be built: unknown key, wrong type, malformed override or file."""
 
@@ -136,7 +152,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override {text!r}: empty key path")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: cannot parse value: {e}") from None
     return key.split("."), value
@@ -166,7 +182,7 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] 
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
     base = to_dict(cls()) if _all_defaults(cls) else {}

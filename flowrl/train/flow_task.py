@@ -41,12 +41,12 @@ FLOW_ALGORITHMS = ("flow_grpo", "dance_grpo", "tp_grpo", "euphonium", "ac_flow")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_flow_pipeline(model: str, path: Optional[str], *, device, dtype: torch.dtype):
+def load_flow_pipeline(model: str, path: Optional[str], *, device, dtype: torch.dtype, **kwargs):
     """The adapter for ``model`` (digits | sd3 | flux | wan), loaded with from_pretrained from ``path``."""
     if model == "digits":
         from flowrl.pipelines.digits import load_digits
 
-        return load_digits(device=device, dtype=dtype, **({"directory": path} if path else {}))
+        return load_digits(device=device, dtype=dtype, **({"directory": path} if path else {}), **kwargs)
     if path is None:
         raise ValueError(f"flow.model={model!r} needs flow.model_path (a hub id or a local diffusers directory)")
     if model == "sd3":
@@ -57,7 +57,7 @@ def load_flow_pipeline(model: str, path: Optional[str], *, device, dtype: torch.
         from flowrl.pipelines.wan import WanPipeline as cls
     else:
         raise ValueError(f"unknown flow.model {model!r}; valid: digits, sd3, flux, wan")
-    return cls.from_pretrained(path, device=device, dtype=dtype)
+    return cls.from_pretrained(path, device=device, dtype=dtype, **kwargs)
 
 
 def default_prompts(cfg: TrainConfig) -> list[str]:
@@ -95,7 +95,7 @@ class FlowTask:
         self.prompts = default_prompts(cfg)
         self.eval_prompts = list(self.fc.eval_prompts) or self.prompts
         self.pipe = load_flow_pipeline(self.fc.model, self.fc.model_path, device=accelerator.device,
-                                       dtype=_DTYPES[self.fc.dtype])
+                                       dtype=_DTYPES[self.fc.dtype], **self.fc.model_kwargs)
         if cfg.lora.enabled:
             self.pipe.add_lora(rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules or None)
         else:
@@ -348,7 +348,7 @@ class FlowTask:
         mask = batch.mask[:, :1].expand(-1, n)
         loss = aggregate(per, mask, "token_mean")
         self.acc.backward(loss)
-        return {"acflow/fm": float(fm.mean()), "acflow/w2": float(w2.mean()), "acflow/loss": float(loss)}
+        return {"acflow/fm": float(fm.detach().mean()), "acflow/w2": float(w2.detach().mean()), "acflow/loss": float(loss.detach())}
 
     # ------------------------------------------------------------------ evaluation / export
     @torch.no_grad()
@@ -356,7 +356,7 @@ class FlowTask:
         fc, ec = self.fc, self.cfg.eval
         self.module.eval()
         try:
-            kw = dict(num_steps=fc.num_steps, kind=fc.kind, noise_level=fc.noise_level, cfg_scale=fc.cfg_scale)
+            kw = dict(num_steps=fc.eval_num_steps or fc.num_steps, kind=fc.kind, noise_level=fc.noise_level, cfg_scale=fc.cfg_scale)
             if fc.model == "digits":
                 from flowrl.pipelines.digits import evaluate_digits
 
