@@ -111,11 +111,14 @@ def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Ten
     if gamma == 1.0:
         out = r.flip(1).cumsum(1).flip(1)
     else:
-        out = torch.empty_like(r)
+        # time-major copies: each step reads and writes one contiguous row, not a column strided by T
+        r_t, m_t = r.t().contiguous(), mask.t().contiguous()
+        out_t = torch.empty_like(r_t)
         g = torch.zeros(r.shape[0], device=r.device)
         for t in range(r.shape[1] - 1, -1, -1):  # recurrence over time
-            g = torch.where(mask[:, t], r[:, t] + gamma * g, g)
-            out[:, t] = g
+            g = torch.where(m_t[t], r_t[t] + gamma * g, g)
+            out_t[t] = g
+        out = out_t.t()
     return torch.where(mask, out, torch.zeros((), device=out.device))
 
 
@@ -223,16 +226,19 @@ def gae_advantages_and_returns(
     rewards = outcome_at_end(batch.outcome, mask) + kl_penalty_rewards(batch, kl_coef)
     values = torch.where(mask, batch.value.to(torch.float32), torch.zeros((), device=mask.device))
     B, T = mask.shape
-    adv = torch.zeros(B, T, device=mask.device)
+    # time-major copies: each step reads and writes one contiguous row, not a column strided by T
+    m_t, r_t, v_t = mask.t().contiguous(), rewards.t().contiguous(), values.t().contiguous()
+    adv_t = torch.zeros(T, B, device=mask.device)
     next_v = torch.zeros(B, device=mask.device)
     next_a = torch.zeros(B, device=mask.device)
     for t in range(T - 1, -1, -1):  # recurrence over time
-        m = mask[:, t]
-        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        m = m_t[t]
+        delta = r_t[t] + gamma * next_v - v_t[t]
         a = delta + gamma * lam * next_a
-        adv[:, t] = torch.where(m, a, torch.zeros((), device=mask.device))
-        next_v = torch.where(m, values[:, t], next_v)
+        adv_t[t] = torch.where(m, a, torch.zeros((), device=mask.device))
+        next_v = torch.where(m, v_t[t], next_v)
         next_a = torch.where(m, a, next_a)
+    adv = adv_t.t().contiguous()
     return adv, torch.where(mask, adv + values, torch.zeros((), device=mask.device))
 
 
