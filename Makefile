@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	# Until the digits demo lands, the main job is the core benchmark (real work, real figures).
-	$(BIN)/python scripts/bench_core.py
+	# The main job: Flow-GRPO on the embedded digits model, on the CPU, no download (about 3-5 minutes).
+	$(BIN)/flowrl train configs/digits/flow_grpo.yaml --out runs/digits_flow_grpo
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -35,8 +36,63 @@ def _train(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     result = train(cfg, out, resume=args.resume)
-    summary = ", ".join(f"{k}={v:.4f}" for k, v in result.items() if isinstance(v, float))
-    print(f"done: {out}/report.md ({summary})")
+    if int(os.environ.get("RANK", "0")) == 0:
+        summary = ", ".join(f"{k}={v:.4f}" for k, v in result.items() if isinstance(v, float))
+        print(f"done: {out}/report.md ({summary})")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from flowrl.train.load_run import load_run
+
+    cfg, task = load_run(args.run)
+    if args.num_per_prompt:
+        cfg.eval.num_per_prompt = args.num_per_prompt
+    out = Path(args.run)
+    metrics = task.evaluate(0, out / "eval")  # its grid goes to <run>/eval/samples/
+    (out / "eval.json").write_text(json.dumps(metrics, indent=1))
+    print(json.dumps(metrics, indent=1))
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+    from torchvision.utils import save_image
+
+    from flowrl.flow.sampler import sample
+
+    if args.run:
+        from flowrl.train.load_run import load_run
+
+        cfg, task = load_run(args.run)
+        pipe = task.pipe
+    else:
+        from flowrl.train.flow_task import load_flow_pipeline
+
+        pipe = load_flow_pipeline(args.model, args.model_path, device="cuda" if torch.cuda.is_available() else "cpu",
+                                  dtype=torch.float32)
+    prompts = args.prompt or (["a handwritten digit %d" % d for d in range(10)] if args.model == "digits" else None)
+    if not prompts:
+        print("flowrl sample: give --prompt (repeatable)", file=sys.stderr)
+        return 2
+    guidance = None
+    if args.guidance_scale:
+        from flowrl.flow.guidance import Guidance
+        from flowrl.rewards import build_process_reward
+
+        guidance = Guidance(build_process_reward(args.process_reward), scale=args.guidance_scale)
+    imgs = sample(pipe, prompts, num_steps=args.steps, kind=args.kind, noise_level=args.noise_level,
+                  cfg_scale=args.cfg_scale, samples_per_prompt=args.n, seed=args.seed, guidance=guidance)
+    if imgs.dim() == 5:
+        imgs = imgs[:, imgs.shape[1] // 2]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save_image(imgs.float().cpu(), args.out, nrow=args.n, padding=1, pad_value=0.5)
+    print(f"wrote {args.out} ({len(prompts)} prompts x {args.n} samples)")
     return 0
 
 
@@ -52,6 +108,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     s.add_argument("--help-config", action="store_true", help="list every config key with its type, default and help")
     s.set_defaults(func=_train)
+    s = sub.add_parser("eval", help="evaluate a finished run (its config and trained weights) on its fixed evaluation set")
+    s.add_argument("run", help="run directory written by flowrl train")
+    s.add_argument("--num-per-prompt", type=int, default=0, help="samples per evaluation prompt (default: the run's)")
+    s.set_defaults(func=_eval)
+    s = sub.add_parser("sample", help="sample images (a PNG grid) from a model or a trained run")
+    s.add_argument("--run", default=None, help="a run directory (its model and trained weights)")
+    s.add_argument("--model", default="digits", help="digits | sd3 | flux | wan (without --run)")
+    s.add_argument("--model-path", default=None, help="hub id or local directory (without --run)")
+    s.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable; digits: all ten by default)")
+    s.add_argument("-n", type=int, default=8, help="samples per prompt")
+    s.add_argument("--steps", type=int, default=6, help="denoising steps")
+    s.add_argument("--kind", default="ode", help="ode | flow_sde | dance_sde | cps")
+    s.add_argument("--noise-level", type=float, default=0.7)
+    s.add_argument("--cfg-scale", type=float, default=None)
+    s.add_argument("--guidance-scale", type=float, default=0.0, help="process-reward gradient guidance (Euphonium); 0 = off")
+    s.add_argument("--process-reward", default="digits_noisy", help="registered process reward used by --guidance-scale")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="samples.png", help="PNG grid to write")
+    s.set_defaults(func=_sample)
     s = sub.add_parser("serve-reward", help="serve rewards over HTTP for trainers in other processes (flowrl.rewards.server)")
     s.add_argument("config", help="YAML: {rewards: {name: {weight, type, options}}, host, port, workers, name, limits}")
     s.add_argument("--host", default=None, help="bind address (default: the config's, else 127.0.0.1; others need a token)")
