@@ -1,0 +1,118 @@
+"""The digits demo end to end, and the reward-hacking check of the report.
+
+- ``hacking_flags`` on hand-made before/after evaluation lines (fast), and ``write_report`` on a hand-written
+  metrics.jsonl (fast): the flag appears exactly when the reward model and the judge disagree or realism drifts.
+- A shortened Flow-GRPO digits run (slow, still in CI): the independent judge's accuracy rises by a measured
+  margin, realism stays within 10% of the start, and the report carries no hacking flag.
+- A deliberately hacking run (slow): no KL, a high learning rate and several updates per rollout; the reward
+  classifier is fooled while the judge or realism gets worse, and the report says "Reward hacking suspected".
+
+The margins of the slow tests were measured with these exact seeds (see the constants below); each leaves room
+for run-to-run float differences but would fail if training stopped working.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flowrl.config import load
+from flowrl.train.config import TrainConfig
+from flowrl.train.loop import train
+from flowrl.train.metrics_log import read_metrics
+from flowrl.train.report import HACK_GAP, REALISM_TOL, hacking_flags, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOW_GRPO = ROOT / "configs" / "digits" / "flow_grpo.yaml"
+SUSPECTED = "Reward hacking suspected"
+
+# --------------------------------------------------------------------------------------------- hacking_flags
+BEFORE = {"step": 0, "accuracy": 0.735, "reward_accuracy": 0.46, "realism": 1.85}
+
+
+def test_hacking_flags_clean_run_has_none():
+    after = {"step": 60, "accuracy": 0.95, "reward_accuracy": 0.97, "realism": 1.60}
+    assert hacking_flags(BEFORE, after) == []
+
+
+def test_hacking_flags_reward_judge_gap():
+    # the reward classifier says 100%, the judge 60%: gap 40 points > HACK_GAP
+    after = {"step": 20, "accuracy": 0.60, "reward_accuracy": 1.0, "realism": 1.80}
+    flags = hacking_flags(BEFORE, after)
+    assert len(flags) == 1 and "judge" in flags[0] and "40.0%" in flags[0]
+    # a gap just under the threshold is not flagged, just over is
+    assert hacking_flags(BEFORE, dict(after, accuracy=1.0 - HACK_GAP + 0.01)) == []
+    assert len(hacking_flags(BEFORE, dict(after, accuracy=1.0 - HACK_GAP - 0.01))) == 1
+    # the judge ahead of the reward model is no sign of hacking (the base model is like that)
+    assert hacking_flags(BEFORE, dict(after, accuracy=0.9, reward_accuracy=0.5)) == []
+
+
+def test_hacking_flags_realism_drift():
+    b = BEFORE["realism"]
+    worse = {"step": 20, "accuracy": 0.9, "reward_accuracy": 0.9, "realism": b * (1 + REALISM_TOL + 0.02)}
+    flags = hacking_flags(BEFORE, worse)
+    assert len(flags) == 1 and "realism" in flags[0]
+    assert hacking_flags(BEFORE, dict(worse, realism=b * (1 + REALISM_TOL - 0.02))) == []
+    # both at once: two reasons
+    both = dict(worse, accuracy=0.3, reward_accuracy=1.0)
+    assert len(hacking_flags(BEFORE, both)) == 2
+
+
+def test_hacking_flags_without_judge_or_realism_says_nothing():
+    # a task without a judge (no accuracy) or without realism cannot be checked: no flag, no error
+    assert hacking_flags({"reward": 0.1}, {"reward": 0.99, "reward_accuracy": 1.0}) == []
+    assert hacking_flags({"accuracy": 0.5}, {"accuracy": 0.5, "reward_accuracy": 0.6, "realism": 9.0}) == []
+
+
+def _write_metrics(out: Path, evals: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [dict(e, split="eval") for e in evals] + [{"step": evals[-1]["step"], "split": "train", "reward": 0.9,
+                                                        "time/elapsed_s": 12.0}]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def test_report_flags_a_hacked_run_and_not_a_clean_one(tmp_path):
+    _write_metrics(tmp_path / "hacked", [BEFORE, {"step": 20, "accuracy": 0.40, "reward_accuracy": 1.0, "realism": 3.1}])
+    _write_metrics(tmp_path / "clean", [BEFORE, {"step": 20, "accuracy": 0.95, "reward_accuracy": 0.96, "realism": 1.7}])
+    hacked = write_report(tmp_path / "hacked").read_text()
+    clean = write_report(tmp_path / "clean").read_text()
+    assert SUSPECTED in hacked and "realism worsened" in hacked and "judge" in hacked
+    assert SUSPECTED not in clean and "No sign of reward hacking" in clean
+
+
+# --------------------------------------------------------------------------------------------- runs (slow)
+def _run(tmp_path: Path, name: str, *overrides: str) -> tuple[dict, dict, str]:
+    cfg = load(TrainConfig, FLOW_GRPO, ["progress=false", "trackers=[]", "threads=1", "save_every=1000",
+                                        "eval.grid_per_prompt=4", *overrides])
+    out = tmp_path / name
+    train(cfg, out)
+    evals = read_metrics(out, split="eval")
+    return evals[0], evals[-1], (out / "report.md").read_text()
+
+
+# Shortened Flow-GRPO demo: 10 prompts x 8 samples per iteration, 18 iterations, eval of 10 samples per digit.
+SHORT = ["iterations=18", "group_size=8", "eval.every=6", "eval.num_per_prompt=10", "optim.lr=2e-4"]
+# Measured (seed 0): judge accuracy 0.69 -> 0.86 (+17 points), realism 1.85 -> 1.70.
+SHORT_MIN_GAIN = 0.10
+
+
+@pytest.mark.slow
+def test_short_flow_grpo_run_improves_the_judges_accuracy(tmp_path):
+    before, after, report = _run(tmp_path, "demo", *SHORT)
+    assert after["accuracy"] - before["accuracy"] >= SHORT_MIN_GAIN, (before, after)
+    assert after["realism"] <= 1.10 * before["realism"], (before, after)
+    assert SUSPECTED not in report and "No sign of reward hacking" in report
+
+
+# Deliberate hacking: no KL, lr 3e-3, 4 minibatch updates per rollout.
+HACK = ["iterations=12", "group_size=8", "eval.every=12", "eval.num_per_prompt=10", "loss.kl_beta=0.0",
+        "optim.lr=3e-3", "minibatches=4"]
+
+
+@pytest.mark.slow
+def test_hacking_run_is_flagged(tmp_path):
+    before, after, report = _run(tmp_path, "hack", *HACK)
+    # the reward classifier is fooled: it scores the samples far higher than the judge does
+    assert after["reward_accuracy"] - after["accuracy"] > HACK_GAP, after
+    assert SUSPECTED in report
