@@ -115,8 +115,56 @@ class FlowConfig:
 
 
 @dataclass
+class LLMConfig:
+    """LLM rollouts (``algorithm: llm_grpo | llm_prime``; flowrl.train.llm_task)."""
+
+    model: str = field("arithmetic", help="'arithmetic' (the embedded model) or a transformers causal LM (hub id / local dir, from_pretrained)")
+    model_path: Optional[str] = field(None, help="local directory of the embedded model's weights (None: the shipped ones); ignored for other models")
+    dtype: Literal["float32", "bfloat16", "float16"] = field("float32", help="model dtype (bf16/fp16 on GPU)")
+    backend: Literal["transformers", "vllm"] = field("transformers", help="sampler: transformers generate, or vLLM (GPU; sampler-vs-trainer IS correction applies)")
+    chat_template: bool = field(False, help="wrap prompts with the tokenizer's chat template")
+    dataset: Literal["arithmetic", "reasoning_gym"] = field("arithmetic", help="training prompts: the embedded arithmetic problems or a reasoning-gym task")
+    task: str = field("countdown", help="reasoning-gym task name (dataset=reasoning_gym)")
+    task_options: dict[str, Any] = field(default_factory=dict, help="reasoning-gym task options (e.g. {min_numbers: 3, max_numbers: 3})")
+    template: Optional[str] = field(None, help="reasoning-gym prompt template with {question} (None: the module's default)")
+    dataset_size: int = field(5000, help="training problems drawn once (train split) with data_seed")
+    data_seed: int = field(0, help="seed of the training problem pool")
+    eval_size: int = field(200, help="held-out problems of the greedy evaluation (a fixed set, seed eval.seed)")
+    digits: int = field(3, help="arithmetic: operand digits")
+    max_new_tokens: int = field(24, help="completion length limit (tokens)")
+    temperature: float = field(1.0, help="sampling temperature of the rollouts (evaluation is greedy)")
+    top_k: Optional[int] = field(None, help="top-k truncation of the sampler (None: off; adds the IS correction)")
+    top_p: Optional[float] = field(None, help="top-p truncation of the sampler (None: off; adds the IS correction)")
+    gen_batch: int = field(0, help="rows per generate call, each seeded from (seed, iteration, chunk) (0: the rank's rows in one call); "
+                                   "R processes sample exactly what one does when it divides the rows per rank")
+    rewards: dict[str, Any] = field(default_factory=dict, help="outcome rewards {name: {weight, type, options}} (empty: the dataset's own: arithmetic | reasoning_gym)")
+    correct_threshold: float = field(1.0, help="a sample is correct when its first reward's score is >= this (accuracy, gates, PRM labels)")
+    process_reward: Optional[dict[str, Any]] = field(None, help="process reward {type: registered name, ...options} scoring each step -> step_reward (e.g. {type: arithmetic_steps})")
+    steps: Literal["newline", "regex", "chunk"] = field("newline", help="step segmentation of a completion")
+    step_pattern: Optional[str] = field(None, help="regex that starts a step (steps=regex)")
+    step_chunk: int = field(8, help="tokens per step (steps=chunk)")
+    kl_kind: Literal["k1", "k2", "k3"] = field("k3", help="KL estimator (loss.kl_beta in the loss, kl_in_reward in the reward)")
+    kl_in_reward: float = field(0.0, help="subtract this times the summed per-token KL to the reference from the outcome (0: off)")
+    mask_truncated: bool = field(False, help="drop completions that hit max_new_tokens from the loss (DAPO); they still count in group statistics")
+    overlong_cache: int = field(0, help="DAPO soft overlong penalty: ramp over the last this many tokens before max_new_tokens (0: off)")
+    overlong_factor: float = field(1.0, help="DAPO soft overlong penalty at the limit")
+    dynamic_sampling: bool = field(False, help="DAPO dynamic sampling: keep only groups with unequal rewards and refill to prompts_per_iter")
+    max_refill_rounds: int = field(4, help="extra generation rounds of dynamic sampling before constant groups are kept (they get advantage 0)")
+    shaping: Optional[Literal["prof", "posterior_gate", "trust_weight", "accuracy_band"]] = field(
+        None, help="process/outcome shaping before the advantage: PROF filter, Posterior-GRPO gate, Trust-GRPO weight, PRIME accuracy band")
+    shaping_params: dict[str, Any] = field(default_factory=dict, help="keyword parameters of the shaping (prof: keep, mode; posterior_gate: coef; trust_weight: alpha ...; accuracy_band: low, high)")
+    is_correction: Literal["auto", "off", "always"] = field("auto", help="sampler-vs-trainer importance weights: auto (when the sampler's log-probs differ: vLLM, top-k/p), off, always")
+    is_level: Literal["token", "sequence"] = field("token", help="importance weights per token or per sequence")
+    is_mode: Literal["truncate", "mask"] = field("truncate", help="TIS (truncate at is_cmax) or MIS (mask outside [0, is_cmax])")
+    is_cmax: float = field(2.0, help="C_max of the importance weights")
+    prm_lr: float = field(1e-4, help="llm_prime: learning rate of the implicit PRM (a copy of the initial policy)")
+    prm_beta: float = field(0.05, help="llm_prime: beta of the implicit reward beta * (log pi_phi - log pi_ref)")
+    prm_update: Literal["before", "after"] = field("before", help="llm_prime: update the PRM before computing its rewards (double forward) or after")
+
+
+@dataclass
 class TrainConfig:
-    algorithm: Literal["flow_grpo", "dance_grpo", "tp_grpo", "euphonium", "ac_flow"] = field(
+    algorithm: Literal["flow_grpo", "dance_grpo", "tp_grpo", "euphonium", "ac_flow", "llm_grpo", "llm_prime"] = field(
         "flow_grpo", help="what the iteration does with a rollout (the estimator and loss are set below)")
     seed: int = field(0, help="seed of everything (rollout noise, prompt order, minibatches)")
     iterations: int = field(60, help="rollout-and-update iterations")
@@ -137,3 +185,4 @@ class TrainConfig:
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig, help="policy loss")
     eval: EvalConfig = field(default_factory=EvalConfig, help="evaluation")
     flow: FlowConfig = field(default_factory=FlowConfig, help="flow-model rollouts")
+    llm: LLMConfig = field(default_factory=LLMConfig, help="LLM rollouts (llm_grpo, llm_prime)")

@@ -9,4 +9,8 @@ def build_task(cfg: TrainConfig, accelerator):
 
     if cfg.algorithm in FLOW_ALGORITHMS:
         return FlowTask(cfg, accelerator)
+    if cfg.algorithm.startswith("llm_"):
+        from flowrl.train.llm_task import LLMTask
+
+        return LLMTask(cfg, accelerator)
     raise ValueError(f"unknown algorithm {cfg.algorithm!r}; valid: {FLOW_ALGORITHMS}")
