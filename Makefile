@@ -18,7 +18,7 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	# The main job: Flow-GRPO on the embedded digits model, on the CPU, no download (about 3-5 minutes).
-	$(BIN)/flowrl train configs/digits/flow_grpo.yaml --out runs/digits_flow_grpo
+	$(BIN)/flowrl train configs/digits/flow_grpo.yaml --out runs/digits_flow_grpo_$$(date +%Y%m%d_%H%M%S)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
