@@ -79,11 +79,10 @@ def aggregate(
     check_shapes(mask, values=values)
     zero = torch.zeros((), dtype=torch.float32, device=values.device)
     v = torch.where(mask, values.to(torch.float32), zero)
-    m = mask.to(torch.float32)
-    tokens = m.sum(dim=1)
+    tokens = mask.sum(dim=1).to(torch.float32)  # counts straight from the bool mask: no float [B, T] copy
     has = tokens > 0
     if mode == "token_mean":
-        num, den = v.sum(), m.sum()
+        num, den = v.sum(), tokens.sum()
     else:
         per_seq = v.sum(dim=1)
         if mode == "seq_mean_token_mean":
@@ -98,8 +97,9 @@ def aggregate(
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Mean of ``values`` over ``mask`` (local to this rank; for metrics)."""
-    m = mask.to(torch.float32)
-    return (torch.where(mask, values.to(torch.float32), 0.0)).sum() / m.sum().clamp_min(1)
+    if values.dtype == torch.bool:  # a fraction: count, with no float [B, T] copy
+        return (values & mask).sum().to(torch.float32) / mask.sum().clamp_min(1)
+    return (torch.where(mask, values.to(torch.float32), 0.0)).sum() / mask.sum().clamp_min(1)
 
 
 # ----------------------------------------------------------------------------- KL
@@ -156,12 +156,16 @@ def importance_weights(
 
 
 # ----------------------------------------------------------------------------- policy losses
-def _ratio_metrics(log_ratio: Tensor, mask: Tensor, clipped: Tensor, prefix: str = "policy") -> dict[str, Tensor]:
-    ratio = torch.exp(log_ratio)
+def _ratio_metrics(
+    log_ratio: Tensor, mask: Tensor, clipped: Tensor, prefix: str = "policy", ratio: Optional[Tensor] = None
+) -> dict[str, Tensor]:
+    # at most one float [B, T] temporary at a time: these run while the loss's autograd buffers are alive
+    ratio = torch.exp(log_ratio) if ratio is None else ratio
+    k3 = masked_mean(torch.neg(log_ratio).expm1_().add_(log_ratio), mask)  # k3 of KL(old || new)
     big = torch.tensor(float("inf"), device=mask.device)
     return {
-        f"{prefix}/clip_frac": masked_mean(clipped.float(), mask),
-        f"{prefix}/approx_kl": masked_mean(torch.expm1(-log_ratio) + log_ratio, mask),  # k3 of KL(old || new)
+        f"{prefix}/clip_frac": masked_mean(clipped, mask),
+        f"{prefix}/approx_kl": k3,
         f"{prefix}/ratio_mean": masked_mean(ratio, mask),
         f"{prefix}/ratio_min": torch.where(mask, ratio, big).amin(),
         f"{prefix}/ratio_max": torch.where(mask, ratio, -big).amax(),
@@ -193,15 +197,16 @@ def ppo_clip(
         A = A.clamp(-adv_clip, adv_clip)
     log_ratio = torch.where(mask, logp.float() - old_logp.detach().float(), torch.zeros((), device=mask.device))
     ratio = torch.exp(log_ratio)
-    l1 = -A * ratio
-    l2 = -A * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    neg_A = -A
+    l1 = neg_A * ratio
+    l2 = neg_A * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
     loss = torch.maximum(l1, l2)
-    metrics = _ratio_metrics(log_ratio.detach(), mask, (l2 > l1).detach())
+    metrics = _ratio_metrics(log_ratio.detach(), mask, (l2 > l1).detach(), ratio=ratio.detach())
     if dual_clip is not None:
         l3 = -A * dual_clip
         dual = (A < 0) & (l3 < loss)
         loss = torch.where(A < 0, torch.minimum(loss, l3), loss)
-        metrics["policy/dual_clip_frac"] = masked_mean(dual.float(), mask)
+        metrics["policy/dual_clip_frac"] = masked_mean(dual, mask)
     if is_weights is not None:
         loss = loss * is_weights.detach()
     return aggregate(loss, mask, agg, max_len=max_len), metrics
