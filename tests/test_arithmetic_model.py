@@ -113,7 +113,7 @@ def test_shipped_model_band_and_miracles(shipped):
     problems = ar.make_problems(200, split="heldout", seed=0)
     g = shipped.generate([ar.prompt_text(a, b) for a, b in problems], max_new_tokens=40, temperature=0.0)
     texts = shipped.decode(g)
-    acc = steps = miracles = 0
+    acc = steps = miracles = both = 0
     for (a, b), text in zip(problems, texts):
         answer_ok, steps_ok = independent_check(a, b, text)
         c = ar.check_completion(a, b, text)
@@ -121,6 +121,7 @@ def test_shipped_model_band_and_miracles(shipped):
         acc += answer_ok
         steps += steps_ok
         miracles += answer_ok and not steps_ok
+        both += answer_ok and steps_ok
     n = len(problems)
     assert ACC_BAND[0] <= acc / n <= ACC_BAND[1], acc / n
     assert miracles / n > 0.02, miracles / n
@@ -128,6 +129,12 @@ def test_shipped_model_band_and_miracles(shipped):
     assert not bool(g.truncated.any())  # every completion ends with EOS
     res = ar.evaluate(shipped, problems)  # the evaluator the build script reports with agrees
     assert res["accuracy"] == acc / n and res["miracle"] == miracles / n
+    # and so does the trainer's exact step verifier (the process reward)
+    from flowrl.rewards.arithmetic import verify_arithmetic
+
+    v = verify_arithmetic([ar.prompt_text(a, b) for a, b in problems], texts)
+    assert int(v.correct.sum()) == acc and int(v.miracle.sum()) == miracles
+    assert int(v.all_steps_correct.sum()) == both  # the verifier's "all right" includes the answer
 
 
 def test_shipped_model_logprobs_recompute(shipped):
