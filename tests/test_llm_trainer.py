@@ -16,7 +16,7 @@ from flowrl.train.metrics_log import read_metrics
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 ARITH = sorted((ROOT / "configs" / "arith").glob("*.yaml"))
-TINY = ["iterations=1", "prompts_per_iter=2", "group_size=4", "eval.every=100", "llm.eval_size=8",
+TINY = ["iterations=1", "prompts_per_iter=4", "group_size=4", "eval.every=100", "llm.eval_size=8",
         "llm.dataset_size=64", "progress=false", "trackers=[]", "save_every=100", "max_minutes=0"]
 
 
@@ -129,9 +129,10 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path):
     """PRIME (policy, its optimiser and the implicit PRM with its optimiser): 3 iterations straight == 1 + resume."""
     path = ROOT / "configs/arith/prime.yaml"
     full, part = tmp_path / "full", tmp_path / "part"
-    train(cfg_of(path, "iterations=3", "save_every=1"), full)
-    train(cfg_of(path, "iterations=1", "save_every=1"), part)  # "killed" after step 1
-    train(cfg_of(path, "iterations=3", "save_every=1"), part, resume=True)
+    kw = ("save_every=1", "eval.every=1", "prompts_per_iter=2")
+    train(cfg_of(path, "iterations=3", *kw), full)
+    train(cfg_of(path, "iterations=1", *kw), part)  # "killed" after step 1
+    train(cfg_of(path, "iterations=3", *kw), part, resume=True)
     keys = ("step", "split", "reward", "policy/ratio_mean", "grad_norm", "prm/loss", "accuracy")
     strip = lambda rows: [{k: r[k] for k in keys if k in r} for r in rows]
     assert strip(read_metrics(full)) == strip(read_metrics(part))
