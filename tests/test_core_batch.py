@@ -137,3 +137,28 @@ def test_broadcast_and_gather_steps_by_hand():
     per_step = torch.tensor([[10.0, NAN], [30.0, 40.0]])
     step = torch.tensor([[0, 1, 1], [0, 0, 1]])
     assert gather_steps(per_step, step, mask).tolist() == [[10, 0, 0], [0, 30, 40]]
+
+
+def test_validation_is_cached_until_a_tensor_changes():
+    """compute_advantages skips re-validating a batch the trainer already validated, but not one whose tensors
+    were replaced or modified in place since."""
+    import dataclasses
+
+    from flowrl.core import compute_advantages
+
+    g = torch.Generator().manual_seed(0)
+    B, T = 6, 4
+    b = TrajectoryBatch(group=torch.tensor([0, 0, 0, 1, 1, 1]), mask=torch.ones(B, T, dtype=torch.bool),
+                        step=torch.zeros(B, T, dtype=torch.long), old_logp=torch.randn(B, T, generator=g),
+                        outcome=torch.randn(B, generator=g))
+    assert not b.is_validated()
+    b = b.validate()
+    assert b.is_validated()
+    b.outcome[2] = float("nan")  # in place: the version counter moves
+    assert not b.is_validated()
+    with pytest.raises(ValueError, match="non-finite reward"):
+        compute_advantages("grpo", b)
+    c = dataclasses.replace(b, outcome=torch.zeros(B)).validate()
+    c.outcome = torch.full((B,), float("inf"))  # replaced: another object
+    with pytest.raises(ValueError, match="non-finite reward"):
+        compute_advantages("grpo", c)

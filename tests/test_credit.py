@@ -6,6 +6,7 @@ invalid samples and an empty row; plus hand-worked cases and the property tests 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 
@@ -328,7 +329,7 @@ def test_prime_uses_given_prm_logp():
     b = make_batch(torch.Generator().manual_seed(3))
     prm = b.old_logp + 0.5
     got = compute_advantages("prime", b, prm_logp=prm)
-    b2 = TrajectoryBatch(**{**b.__dict__, "old_logp": prm})
+    b2 = dataclasses.replace(b, old_logp=prm)
     assert_close(got, prime_ref(b2, 0.05, 5.0, "token", 1.0, False), atol=1e-4)
 
 
@@ -444,7 +445,7 @@ def test_tree_mc(seed, cumulative):
 
 def _own_branches(b):
     B, S = b.node.shape
-    return TrajectoryBatch(**{**b.__dict__, "node": torch.arange(B * S).view(B, S)})
+    return dataclasses.replace(b, node=torch.arange(B * S).view(B, S))
 
 
 @pytest.mark.parametrize("seed", SEEDS)

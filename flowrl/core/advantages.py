@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .batch import TrajectoryBatch, broadcast_to_actions, gather_steps
-from .groups import group_advantages, group_step_stats, masked_whiten
+from .groups import group_advantages, group_step_stats, masked_whiten, whiten_rows
 
 AdvantageFn = Callable[..., Tensor]
 ADVANTAGES: dict[str, AdvantageFn] = {}
@@ -68,7 +68,8 @@ def compute_advantages(name: str, batch: TrajectoryBatch, **params) -> Tensor:
     """
     fn = get_advantage(name)
     check_params("advantage estimator", name, fn, params, skip=1)
-    batch = batch.validate()
+    if not batch.is_validated():  # the trainer validates once per rollout; do not pay for it twice
+        batch = batch.validate()
     if batch.sample_valid is not None:  # an invalid sample has no actions: it takes part in no statistic
         batch = dataclasses.replace(batch, mask=batch.mask & batch.sample_valid[:, None])
     for field in _REQUIRES[name]:
@@ -77,7 +78,8 @@ def compute_advantages(name: str, batch: TrajectoryBatch, **params) -> Tensor:
     adv = fn(batch, **params)
     if tuple(adv.shape) != tuple(batch.mask.shape):
         raise ValueError(f"advantage estimator {name!r} returned shape {tuple(adv.shape)}; expected [B, T] = {tuple(batch.mask.shape)}")
-    adv = torch.where(batch.mask, adv.to(torch.float32), torch.zeros((), device=adv.device))
+    adv = adv.to(torch.float32)
+    adv = adv.masked_fill_(~batch.mask, 0.0) if adv.is_contiguous() else adv.masked_fill(~batch.mask, 0.0)
     lo, hi = adv.aminmax()  # NaN propagates: one pass, no [B, T] temporaries (isfinite builds two)
     if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
         raise ValueError(f"advantage estimator {name!r} produced NaN or inf; check its inputs (rewards, values, log-probs)")
@@ -182,6 +184,11 @@ def reinforce_pp(batch: TrajectoryBatch, *, kl_coef: float = 0.0, gamma: float =
 
     Returns float [B, T].
     """
+    if kl_coef == 0.0 and gamma == 1.0:
+        # outcome only: G_t = r on every valid action up to the last one, so the return is row-constant and
+        # its whitening over actions is exact in [B] (token-weighted), with one broadcast at the end
+        r = torch.where(batch.valid, batch.outcome.to(torch.float32), 0.0)
+        return broadcast_to_actions(whiten_rows(r, batch.mask.sum(dim=1), eps=eps), batch.mask)
     rewards = outcome_at_end(batch.outcome, batch.mask) + kl_penalty_rewards(batch, kl_coef)
     returns = discounted_returns(rewards, batch.mask, gamma)
     return masked_whiten(returns, batch.mask, eps=eps)
@@ -197,7 +204,8 @@ def reinforce_pp_baseline(batch: TrajectoryBatch, *, eps: float = 1e-8) -> Tenso
     Returns float [B, T].
     """
     centred = group_advantages(batch.outcome, batch.group, baseline="mean", scale="none", valid=batch.valid)
-    return masked_whiten(broadcast_to_actions(centred, batch.mask), batch.mask, eps=eps)
+    # row-constant: whitened over the valid actions exactly in [B] (token-weighted), then one broadcast
+    return broadcast_to_actions(whiten_rows(centred, batch.mask.sum(dim=1), eps=eps), batch.mask)
 
 
 @register_advantage("gae", requires=("value",))

@@ -98,6 +98,18 @@ class TrajectoryBatch:
         return self.sample_valid
 
     # ------------------------------------------------------------- validation
+    def is_validated(self) -> bool:
+        """True when ``validate`` passed on exactly these tensors (the same objects, not modified in place since)."""
+        seen = getattr(self, "_validated", None)
+        now = self._fingerprint()
+        return seen is not None and len(seen) == len(now) and all(
+            a[0] is b[0] and a[1] == b[1] for a, b in zip(seen, now))
+
+    def _fingerprint(self) -> list:
+        # the tensors themselves (held, so no id can be reused) and their in-place version counters
+        ts = [getattr(self, k) for k in _FIELDS] + list(self.outcome_parts.values())
+        return [(t, t._version if isinstance(t, Tensor) else None) for t in ts]
+
     def validate(self, *, nonfinite: str = "raise") -> "TrajectoryBatch":
         """Check shapes, dtypes and values; return the batch (a new one when samples were masked).
 
@@ -167,9 +179,12 @@ class TrajectoryBatch:
                     "fix the reward, or validate(nonfinite='mask') to mask and count them"
                 )
             valid = self.valid & ~bad
-            return dataclasses.replace(
+            out = dataclasses.replace(
                 self, sample_valid=valid, mask=self.mask & valid[:, None], num_masked=int((~valid).sum())
             )
+            out._validated = out._fingerprint()
+            return out
+        self._validated = self._fingerprint()
         return self
 
     # ------------------------------------------------------------- transforms

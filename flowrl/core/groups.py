@@ -268,6 +268,27 @@ def masked_whiten(values: Tensor, mask: Tensor, *, eps: float = 1e-8, distribute
     return torch.where(mask, (v - mean) * torch.rsqrt(var + eps), zero)
 
 
+def whiten_rows(values: Tensor, counts: Tensor, *, eps: float = 1e-8, distributed: Optional[bool] = None) -> Tensor:
+    """``masked_whiten`` of a row-constant [B, T] tensor, computed in [B]: exact and without touching [B, T].
+
+    Row b holds the value ``values[b]`` on ``counts[b]`` valid actions, so the token-weighted mean and the
+    unbiased variance over the valid actions are sum_b n_b v_b / N and sum_b n_b (v_b - mean)^2 / (N - 1).
+    values: float [B]; counts: float [B] (valid actions per row). Returns float32 [B]: (v - mean) / sqrt(var + eps)
+    (broadcast it to the actions with ``broadcast_to_actions``).
+    """
+    v = values.to(torch.float32)
+    n = counts.to(torch.float32)
+    stats = torch.stack([n.sum(), (n * v).sum()])
+    if use_distributed(distributed):
+        stats = all_reduce_sum(stats)
+    mean = stats[1] / stats[0].clamp_min(1)
+    ss = (n * (v - mean) ** 2).sum()
+    if use_distributed(distributed):
+        ss = all_reduce_sum(ss)
+    var = ss / (stats[0] - 1).clamp_min(1)
+    return (v - mean) * torch.rsqrt(var + eps)
+
+
 def _check_rows(rewards: Tensor, group: Tensor, valid: Optional[Tensor]) -> None:
     if rewards.dim() != 1:
         raise ValueError(f"rewards has shape {tuple(rewards.shape)}; expected float [B]")
