@@ -252,3 +252,25 @@ def test_a_new_estimator_plugs_into_the_registry(gen):
         assert bool((a[b.mask] == 2.5).all()) and bool((a[~b.mask] == 0).all())
     finally:
         del ADVANTAGES["test_only_constant"]
+
+
+@pytest.mark.parametrize("c", [0.0, 0.03, 0.5, 0.9, 0.99, 1.0])
+@pytest.mark.parametrize("T", [1, 31, 32, 100])
+def test_masked_discounted_scan_matches_the_recurrence(c, T):
+    """The chunked, vectorised scan (returns and GAE) equals y_t = x_t + c * y_next_valid over long ragged rows."""
+    from flowrl.core.advantages import masked_discounted_scan
+
+    g = torch.Generator().manual_seed(T)
+    B = 7
+    x = torch.randn(B, T, generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    mask[0] = False  # an empty row
+    mask[1] = True  # a full row
+    ref = torch.zeros(B, T)
+    for b in range(B):
+        y = 0.0
+        for t in range(T - 1, -1, -1):
+            if mask[b, t]:
+                y = float(x[b, t]) + c * y
+                ref[b, t] = y
+    torch.testing.assert_close(masked_discounted_scan(x, mask, c), ref, atol=1e-5, rtol=1e-5)

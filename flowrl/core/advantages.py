@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from typing import Callable
 
 import torch
@@ -102,26 +103,73 @@ def outcome_at_end(outcome: Tensor, mask: Tensor) -> Tensor:
     return out
 
 
+def masked_discounted_scan(x: Tensor, mask: Tensor, c: float, *, chunk: int = 32) -> Tensor:
+    """y_t = x_t + c * y_{next valid action after t} on valid actions (0 elsewhere), vectorised over T.
+
+    Equivalently y_t = sum_{s >= t, mask_s} c^{k(s) - k(t)} x_s with k the rank of an action among its row's
+    valid ones: masked actions (padding, tool observations) neither earn nor discount. x, mask: [B, T].
+    T is cut into chunks of ``chunk`` actions; inside a chunk y = c^{-k} * reverse-cumsum(c^{k} x) (all chunks at
+    once), and one carry per chunk runs back over the chunks (a loop over T / chunk chunks, not over samples).
+    The in-chunk factors c^{-k} stay finite in float32 for c >= 1/16 at chunk 32; a smaller c (rare: it makes
+    the return almost myopic) takes the exact recurrence over T instead.
+    """
+    B, T = mask.shape
+    xf = torch.where(mask, x.to(torch.float32), torch.zeros((), device=x.device))
+    if c == 0.0:
+        return xf
+    if c < 1.0 / 16:
+        return _scan_loop(xf, mask, c)
+    L = chunk
+    pad = (-T) % L
+    if pad:
+        xf = torch.nn.functional.pad(xf, (0, pad))
+        mask = torch.nn.functional.pad(mask, (0, pad))
+    n = (T + pad) // L
+    xc = xf.view(B, n, L)
+    k = mask.view(B, n, L).to(torch.float32).cumsum(dim=2)  # 1-based rank of each action inside its chunk
+    if c == 1.0:
+        local = xc.flip(2).cumsum(2).flip(2)
+        decay = torch.ones(B, n, 1, device=x.device)
+        carry_factor = torch.ones_like(k)
+    else:
+        logc = math.log(c)
+        w = torch.exp(k * logc)  # c^k
+        local = (xc * w).flip(2).cumsum(2).flip(2).div_(w)
+        count = k[:, :, -1:]  # valid actions per chunk
+        carry_factor = torch.exp((count + 1 - k) * logc)  # c^(#valid actions from t to the chunk's end, inclusive)
+        decay = torch.exp(count * logc)  # c^(#valid in the chunk): what a carry loses crossing a whole chunk
+    # y at the first valid action of each chunk without the carry from later chunks; then carry back over chunks
+    first = torch.where(k.eq(1) & mask.view(B, n, L), local, torch.zeros((), device=x.device)).sum(2)  # [B, n]
+    has = mask.view(B, n, L).any(2)
+    carry = torch.zeros(B, n, device=x.device)  # y at the first valid action after chunk j
+    nxt = torch.zeros(B, device=x.device)
+    d = decay.squeeze(2)
+    for j in range(n - 1, -1, -1):  # over chunks (T / chunk of them)
+        carry[:, j] = nxt
+        nxt = torch.where(has[:, j], first[:, j] + d[:, j] * nxt, nxt)
+    y = local + carry_factor * carry[:, :, None] if c != 1.0 else local + carry[:, :, None]
+    y = y.view(B, n * L)[:, :T]
+    return torch.where(mask.view(B, n * L)[:, :T], y, torch.zeros((), device=x.device))
+
+
+def _scan_loop(xf: Tensor, mask: Tensor, c: float) -> Tensor:
+    """The recurrence over time, on time-major copies (the exact fallback of ``masked_discounted_scan``)."""
+    x_t, m_t = xf.t().contiguous(), mask.t().contiguous()
+    out_t = torch.zeros_like(x_t)
+    g = torch.zeros(xf.shape[0], device=xf.device)
+    for t in range(xf.shape[1] - 1, -1, -1):  # recurrence over time
+        g = torch.where(m_t[t], x_t[t] + c * g, g)
+        out_t[t] = torch.where(m_t[t], g, torch.zeros((), device=xf.device))
+    return out_t.t()
+
+
 def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
     """Return-to-go G_t = sum_{s >= t, mask_s} gamma^{(# valid actions between t and s)} r_s, float [B, T].
 
     Masked actions (padding, tool observations) neither earn nor discount: the return passes through
-    them (as verl's REINFORCE++). gamma == 1 is a reverse cumsum; otherwise a recurrence over T
-    (the one loop here: over time, not over samples).
+    them (as verl's REINFORCE++). Computed by ``masked_discounted_scan`` (vectorised over time in chunks).
     """
-    r = torch.where(mask, rewards.to(torch.float32), torch.zeros((), device=rewards.device))
-    if gamma == 1.0:
-        out = r.flip(1).cumsum(1).flip(1)
-    else:
-        # time-major copies: each step reads and writes one contiguous row, not a column strided by T
-        r_t, m_t = r.t().contiguous(), mask.t().contiguous()
-        out_t = torch.empty_like(r_t)
-        g = torch.zeros(r.shape[0], device=r.device)
-        for t in range(r.shape[1] - 1, -1, -1):  # recurrence over time
-            g = torch.where(m_t[t], r_t[t] + gamma * g, g)
-            out_t[t] = g
-        out = out_t.t()
-    return torch.where(mask, out, torch.zeros((), device=out.device))
+    return masked_discounted_scan(rewards, mask, gamma)
 
 
 def kl_penalty_rewards(batch: TrajectoryBatch, kl_coef: float) -> Tensor:
@@ -234,19 +282,14 @@ def gae_advantages_and_returns(
     rewards = outcome_at_end(batch.outcome, mask) + kl_penalty_rewards(batch, kl_coef)
     values = torch.where(mask, batch.value.to(torch.float32), torch.zeros((), device=mask.device))
     B, T = mask.shape
-    # time-major copies: each step reads and writes one contiguous row, not a column strided by T
-    m_t, r_t, v_t = mask.t().contiguous(), rewards.t().contiguous(), values.t().contiguous()
-    adv_t = torch.zeros(T, B, device=mask.device)
-    next_v = torch.zeros(B, device=mask.device)
-    next_a = torch.zeros(B, device=mask.device)
-    for t in range(T - 1, -1, -1):  # recurrence over time
-        m = m_t[t]
-        delta = r_t[t] + gamma * next_v - v_t[t]
-        a = delta + gamma * lam * next_a
-        adv_t[t] = torch.where(m, a, torch.zeros((), device=mask.device))
-        next_v = torch.where(m, v_t[t], next_v)
-        next_a = torch.where(m, a, next_a)
-    adv = adv_t.t().contiguous()
+    # V of the next valid action after t (0 after the last): the index of the first valid action at or after
+    # t + 1, by a reverse running minimum of the valid positions
+    pos = torch.where(mask, torch.arange(T, device=mask.device), T)
+    first_at_or_after = pos.flip(1).cummin(1).values.flip(1)
+    nxt = torch.cat([first_at_or_after[:, 1:], torch.full((B, 1), T, device=mask.device, dtype=pos.dtype)], dim=1)
+    v_next = torch.nn.functional.pad(values, (0, 1)).gather(1, nxt)
+    delta = rewards + gamma * v_next - values
+    adv = masked_discounted_scan(delta, mask, gamma * lam)
     return adv, torch.where(mask, adv + values, torch.zeros((), device=mask.device))
 
 

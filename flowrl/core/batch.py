@@ -261,7 +261,7 @@ def gather_steps(per_step: Tensor, step: Tensor, mask: Tensor) -> Tensor:
     NaN per-step values (a step without a reward) also give 0 on its actions.
     """
     S = per_step.shape[1]
-    idx = step.clamp(0, max(S - 1, 0)).long()
-    out = torch.gather(per_step.to(torch.float32), 1, idx)
-    keep = mask & ~torch.isnan(out)
-    return torch.where(keep, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    per = torch.nan_to_num(per_step.to(torch.float32), nan=0.0)  # [B, S]: small
+    lo, hi = step.aminmax()  # padding may hold any index; clamp (a [B, T] copy) only when it must
+    idx = step if bool((lo >= 0) & (hi < S)) else step.clamp(0, max(S - 1, 0))
+    return torch.gather(per, 1, idx.long()).masked_fill_(~mask, 0.0)
