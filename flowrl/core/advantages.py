@@ -111,10 +111,12 @@ def masked_discounted_scan(x: Tensor, mask: Tensor, c: float, *, chunk: int = 32
     T is cut into chunks of ``chunk`` actions; inside a chunk y = c^{-k} * reverse-cumsum(c^{k} x) (all chunks at
     once), and one carry per chunk runs back over the chunks (a loop over T / chunk chunks, not over samples).
     The in-chunk factors c^{-k} stay finite in float32 for c >= 1/16 at chunk 32; a smaller c (rare: it makes
-    the return almost myopic) takes the exact recurrence over T instead.
+    the return almost myopic) takes the exact recurrence over T instead. In-place arithmetic keeps the number
+    of [B, T] temporaries small (this runs on the whole batch).
     """
     B, T = mask.shape
-    xf = torch.where(mask, x.to(torch.float32), torch.zeros((), device=x.device))
+    notm = ~mask
+    xf = x.to(torch.float32).masked_fill(notm, 0.0)
     if c == 0.0:
         return xf
     if c < 1.0 / 16:
@@ -124,32 +126,43 @@ def masked_discounted_scan(x: Tensor, mask: Tensor, c: float, *, chunk: int = 32
     if pad:
         xf = torch.nn.functional.pad(xf, (0, pad))
         mask = torch.nn.functional.pad(mask, (0, pad))
+        notm = ~mask
     n = (T + pad) // L
-    xc = xf.view(B, n, L)
-    k = mask.view(B, n, L).to(torch.float32).cumsum(dim=2)  # 1-based rank of each action inside its chunk
+    m3 = mask.view(B, n, L)
+    k = m3.cumsum(2, dtype=torch.float32)  # 1-based rank of each action inside its chunk
+    count = k[:, :, -1:].clone()  # valid actions per chunk [B, n, 1]
     if c == 1.0:
-        local = xc.flip(2).cumsum(2).flip(2)
-        decay = torch.ones(B, n, 1, device=x.device)
-        carry_factor = torch.ones_like(k)
+        local = _rev_cumsum_(xf.view(B, n, L).clone())
+        carry_factor = None
+        decay = torch.ones(B, n, device=x.device)
     else:
         logc = math.log(c)
-        w = torch.exp(k * logc)  # c^k
-        local = (xc * w).flip(2).cumsum(2).flip(2).div_(w)
-        count = k[:, :, -1:]  # valid actions per chunk
-        carry_factor = torch.exp((count + 1 - k) * logc)  # c^(#valid actions from t to the chunk's end, inclusive)
-        decay = torch.exp(count * logc)  # c^(#valid in the chunk): what a carry loses crossing a whole chunk
-    # y at the first valid action of each chunk without the carry from later chunks; then carry back over chunks
-    first = torch.where(k.eq(1) & mask.view(B, n, L), local, torch.zeros((), device=x.device)).sum(2)  # [B, n]
-    has = mask.view(B, n, L).any(2)
+        w = k.mul(logc).exp_()  # c^k
+        local = _rev_cumsum_(xf.view(B, n, L).mul(w)).div_(w)
+        del w
+        carry_factor = k.neg_().add_(count + 1).mul_(logc).exp_()  # c^(#valid from t to the chunk's end), reuses k
+        decay = count.squeeze(2).mul(logc).exp_()  # what a carry loses crossing a whole chunk
+    # y (without later chunks) at each chunk's first valid action, then the carries back over the chunks
+    first_idx = m3.to(torch.uint8).argmax(dim=2, keepdim=True)  # first valid action of each chunk
+    first = local.gather(2, first_idx).squeeze(2)
+    has = count.squeeze(2) > 0
     carry = torch.zeros(B, n, device=x.device)  # y at the first valid action after chunk j
     nxt = torch.zeros(B, device=x.device)
-    d = decay.squeeze(2)
     for j in range(n - 1, -1, -1):  # over chunks (T / chunk of them)
         carry[:, j] = nxt
-        nxt = torch.where(has[:, j], first[:, j] + d[:, j] * nxt, nxt)
-    y = local + carry_factor * carry[:, :, None] if c != 1.0 else local + carry[:, :, None]
-    y = y.view(B, n * L)[:, :T]
-    return torch.where(mask.view(B, n * L)[:, :T], y, torch.zeros((), device=x.device))
+        nxt = torch.where(has[:, j], first[:, j] + decay[:, j] * nxt, nxt)
+    if carry_factor is None:
+        y = local.add_(carry[:, :, None])
+    else:
+        y = carry_factor.mul_(carry[:, :, None]).add_(local)
+    y = y.view(B, n * L).masked_fill_(notm, 0.0)
+    return y[:, :T] if pad else y
+
+
+def _rev_cumsum_(x: Tensor) -> Tensor:
+    """Reverse cumulative sum over the last dim, sum_{s >= t} x_s, accumulated from the end (total minus a
+    prefix sum would cancel catastrophically when the tail is small, as with decaying weights)."""
+    return x.flip(-1).cumsum_(-1).flip(-1)
 
 
 def _scan_loop(xf: Tensor, mask: Tensor, c: float) -> Tensor:
@@ -279,18 +292,27 @@ def gae_advantages_and_returns(
     if batch.value is None:
         raise ValueError("GAE needs batch.value (critic values), which is not set")
     mask = batch.mask
-    rewards = outcome_at_end(batch.outcome, mask) + kl_penalty_rewards(batch, kl_coef)
-    values = torch.where(mask, batch.value.to(torch.float32), torch.zeros((), device=mask.device))
     B, T = mask.shape
-    # V of the next valid action after t (0 after the last): the index of the first valid action at or after
-    # t + 1, by a reverse running minimum of the valid positions
-    pos = torch.where(mask, torch.arange(T, device=mask.device), T)
-    first_at_or_after = pos.flip(1).cummin(1).values.flip(1)
-    nxt = torch.cat([first_at_or_after[:, 1:], torch.full((B, 1), T, device=mask.device, dtype=pos.dtype)], dim=1)
-    v_next = torch.nn.functional.pad(values, (0, 1)).gather(1, nxt)
-    delta = rewards + gamma * v_next - values
+    values = batch.value.to(torch.float32).masked_fill(~mask, 0.0)
+    # V of the next valid action after t (0 after the last). Rows without holes (the usual case) just shift;
+    # otherwise the first valid action at or after t + 1 comes from a reverse running minimum of positions.
+    n_valid = mask.sum(dim=1)
+    last = last_action_index(mask)
+    first = mask.to(torch.uint8).argmax(dim=1)
+    if bool((n_valid == 0).logical_or(last - first + 1 == n_valid).all()):
+        delta = torch.nn.functional.pad(values[:, 1:], (0, 1))
+    else:
+        pos = torch.where(mask, torch.arange(T, device=mask.device), T)
+        at_or_after = pos.flip(1).cummin(1).values.flip(1)
+        nxt = torch.nn.functional.pad(at_or_after[:, 1:], (0, 1), value=T)
+        delta = torch.nn.functional.pad(values, (0, 1)).gather(1, nxt)
+    # delta_t = r_t + gamma V_next - V_t, in place
+    delta.mul_(gamma).sub_(values)
+    delta.scatter_add_(1, last[:, None], torch.where(n_valid > 0, batch.outcome.to(torch.float32), 0.0)[:, None])
+    if kl_coef != 0.0:
+        delta.add_(kl_penalty_rewards(batch, kl_coef))
     adv = masked_discounted_scan(delta, mask, gamma * lam)
-    return adv, torch.where(mask, adv + values, torch.zeros((), device=mask.device))
+    return adv, (adv + values).masked_fill_(~mask, 0.0)
 
 
 @register_advantage("stepwise_grpo", requires=("step_reward",))

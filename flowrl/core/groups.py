@@ -251,21 +251,23 @@ def masked_whiten(values: Tensor, mask: Tensor, *, eps: float = 1e-8, distribute
     """(x - mean) / sqrt(var + eps) over the True entries of ``mask`` (global batch when distributed).
 
     Unbiased variance, as verl's ``masked_whiten`` and OpenRLHF's. values: float [B, T] (or [B]);
-    mask: bool of the same shape. Returns float32 of that shape, 0 where ``mask`` is False.
+    mask: bool of the same shape. Returns float32 of that shape, 0 where ``mask`` is False. One [B, T]
+    allocation (the output); the statistics are reductions over it.
     """
-    v = values.to(torch.float32)
-    zero = torch.zeros((), device=v.device)
-    w = mask.to(torch.float32)
-    stats = torch.stack([w.sum(), torch.where(mask, v, zero).sum()])
+    notm = ~mask
+    out = values.to(torch.float32).masked_fill(notm, 0.0)
+    stats = torch.stack([mask.sum().to(torch.float32), out.sum()])
     if use_distributed(distributed):
         stats = all_reduce_sum(stats)
     n = stats[0]
     mean = stats[1] / n.clamp_min(1)
-    ss = torch.where(mask, (v - mean) ** 2, zero).sum()
+    out.sub_(mean).masked_fill_(notm, 0.0)
+    flat = out.reshape(-1)
+    ss = torch.dot(flat, flat)
     if use_distributed(distributed):
         ss = all_reduce_sum(ss)
     var = ss / (n - 1).clamp_min(1)
-    return torch.where(mask, (v - mean) * torch.rsqrt(var + eps), zero)
+    return out.mul_(torch.rsqrt(var + eps))
 
 
 def whiten_rows(values: Tensor, counts: Tensor, *, eps: float = 1e-8, distributed: Optional[bool] = None) -> Tensor:
