@@ -91,28 +91,63 @@ def _run(tmp_path: Path, name: str, *overrides: str) -> tuple[dict, dict, str]:
     return evals[0], evals[-1], (out / "report.md").read_text()
 
 
-# Shortened Flow-GRPO demo: 10 prompts x 8 samples per iteration, 18 iterations, eval of 10 samples per digit.
-SHORT = ["iterations=18", "group_size=8", "eval.every=6", "eval.num_per_prompt=10", "optim.lr=2e-4"]
-# Measured (seed 0): judge accuracy 0.69 -> 0.86 (+17 points), realism 1.85 -> 1.70.
-SHORT_MIN_GAIN = 0.10
+# Shortened Flow-GRPO demo: the config (lr 2e-4, KL 0.01) with 10 prompts x 8 samples per iteration, 24 iterations,
+# evaluation of 10 samples per digit. Measured (seed 0, about 30 s of training): judge accuracy 0.71 -> 0.83 (+12
+# points), reward (mean prob.) 0.50 -> 0.79, realism 1.82 -> 1.70, no flag.
+SHORT = ["iterations=24", "group_size=8", "eval.every=8", "eval.num_per_prompt=10"]
 
 
 @pytest.mark.slow
 def test_short_flow_grpo_run_improves_the_judges_accuracy(tmp_path):
     before, after, report = _run(tmp_path, "demo", *SHORT)
-    assert after["accuracy"] - before["accuracy"] >= SHORT_MIN_GAIN, (before, after)
+    assert after["accuracy"] - before["accuracy"] >= 0.08, (before, after)
+    assert after["reward"] - before["reward"] >= 0.15, (before, after)
     assert after["realism"] <= 1.10 * before["realism"], (before, after)
     assert SUSPECTED not in report and "No sign of reward hacking" in report
 
 
-# Deliberate hacking: no KL, lr 3e-3, 4 minibatch updates per rollout.
-HACK = ["iterations=12", "group_size=8", "eval.every=12", "eval.num_per_prompt=10", "loss.kl_beta=0.0",
-        "optim.lr=3e-3", "minibatches=4"]
+# Deliberate hacking: no KL and lr 5e-4 (2.5x the demo's), otherwise the same short run, 60 iterations.
+# Measured (seed 0, about 50 s of training): the reward classifier's accuracy 0.52 -> 0.82 while the judge's falls
+# 0.71 -> 0.62 and realism goes 1.82 -> 2.83 (+55%): stripes and blobs. (Higher rates, 1e-3 or 3e-3, collapse the
+# model outright, reward included, which is not hacking.)
+HACK = ["iterations=60", "group_size=8", "eval.every=30", "eval.num_per_prompt=10", "loss.kl_beta=0.0", "optim.lr=5e-4"]
 
 
 @pytest.mark.slow
 def test_hacking_run_is_flagged(tmp_path):
     before, after, report = _run(tmp_path, "hack", *HACK)
-    # the reward classifier is fooled: it scores the samples far higher than the judge does
-    assert after["reward_accuracy"] - after["accuracy"] > HACK_GAP, after
-    assert SUSPECTED in report
+    # the reward model is pleased ...
+    assert after["reward_accuracy"] - before["reward_accuracy"] >= 0.2, (before, after)
+    # ... the judge is not, and the samples left the data
+    assert after["accuracy"] < after["reward_accuracy"] and after["accuracy"] < before["accuracy"] + 0.05, after
+    assert after["realism"] > 1.25 * before["realism"], (before, after)
+    assert SUSPECTED in report and "realism worsened" in report
+
+
+# --------------------------------------------------------------------------------------------- Euphonium credit
+def test_euphonium_step_reward_scores_the_state_each_action_leads_to():
+    """step_reward[:, t] = PRM(x_{k+1}, sigma_{k+1}) for the t-th SDE step k: the state the action produced, not the
+    one it started from (that credited action k with earlier actions' effects; see configs/digits/euphonium.yaml)."""
+    import torch
+    from accelerate import Accelerator
+
+    from flowrl.flow.pipeline import cond_select
+    from flowrl.rewards import build_process_reward
+    from flowrl.train.flow_task import FlowTask
+    from flowrl.train.loop import iteration_generator
+
+    cfg = load(TrainConfig, ROOT / "configs" / "digits" / "euphonium.yaml",
+               ["prompts_per_iter=2", "group_size=3", "progress=false", "trackers=[]"])
+    task = FlowTask(cfg, Accelerator(cpu=True))
+    roll = task.rollout(0, iteration_generator(0, 0, 0))
+    traj, steps, sr = roll.side["traj"], roll.side["steps"], roll.batch.step_reward
+    assert sr.shape == (6, len(steps)) and steps.tolist() == [0, 1, 2, 3, 4]
+    prm = build_process_reward("digits_noisy")
+    for t, k in enumerate(steps.tolist()):  # slow reference: one PRM call per step and sample
+        for b in range(6):
+            x = traj.latents[b:b + 1, k + 1]
+            want = prm(x, traj.sigmas[k + 1].view(1), cond_select(traj.cond, torch.tensor([b])))
+            torch.testing.assert_close(sr[b, t], want[0], rtol=1e-5, atol=1e-6)
+    # the guided steps' drift was taken at x_k: the recorded PRM there differs from the step reward
+    guided = traj.guided_mask.nonzero().flatten().tolist()
+    assert guided and not torch.allclose(traj.process_rewards[:, guided], sr[:, guided])

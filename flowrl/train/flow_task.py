@@ -9,7 +9,7 @@ the estimator and the loss come from the config (``configs/digits/*.yaml``):
   ``step_reward[:, t]`` = R_t (reward of the ODE completion from the state before step t),
   ``outcome`` = R_n; the ``tp_grpo`` estimator turns these into turning-point step rewards.
 - ``euphonium``: rollouts guided by the process reward's gradient (log-probs under the unguided mean,
-  so the update distils the guidance); ``step_reward[:, t]`` = the process reward at step t, for the
+  so the update distils the guidance); ``step_reward[:, t]`` = the process reward of the state step t leads to, for the
   dual-reward advantage (``dual_level`` with gamma 0: outcome advantage + c_P * per-step PRM advantage).
 - ``ac_flow``: likelihood-free. A critic V(x_t, sigma_t, c) regresses the group-normalised reward;
   A = clip(G - V), a weight w = exp(A / tau) (normalised to mean 1) multiplies a flow-matching loss on
@@ -226,10 +226,16 @@ class FlowTask:
 
     @torch.no_grad()
     def _process_rewards(self, traj, steps: Tensor) -> Tensor:
-        """The process reward at the state before each trained step: float [b, T], one batched call."""
+        """The process reward of the state each trained step leads to: float [b, T], one batched call.
+
+        step_reward[:, t] = r(x_{k+1}, sigma_{k+1}) for the t-th trained step k: the state the action produced.
+        (Scoring x_k, the state before the action, credits action k with what earlier actions did; with the
+        guidance drift grad r(x_k) inside the unguided score function, that credit is anti-correlated with the
+        drift's size and taught the model to move against the guidance.)
+        """
         b, T = traj.batch_size, len(steps)
-        x = traj.latents[:, steps].reshape(b * T, *traj.latents.shape[2:])
-        sigma = traj.sigmas[steps].repeat(b)
+        x = traj.latents[:, steps + 1].reshape(b * T, *traj.latents.shape[2:])
+        sigma = traj.sigmas[steps + 1].repeat(b)
         cond = cond_select(traj.cond, torch.arange(b, device=x.device).repeat_interleave(T))
         return self.process_reward(x, sigma, cond).float().view(b, T)
 
