@@ -23,5 +23,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
+JEMALLOC := $(wildcard /usr/lib/x86_64-linux-gnu/libjemalloc.so.2)
+
 bench: $(STAMP)
-	$(BIN)/python scripts/bench_core.py
+	# The core benchmark, with jemalloc preloaded when installed (apt-get install libjemalloc2): on CPU it plays the
+	# role of torch's caching allocator on CUDA. Then the sampling and training overhead benchmarks.
+	LD_PRELOAD=$(JEMALLOC) MALLOC_CONF="retain:true,dirty_decay_ms:-1,muzzy_decay_ms:-1" $(BIN)/python scripts/bench_core.py
+	$(BIN)/python scripts/bench_sampling.py
+	$(BIN)/python scripts/bench_train.py

@@ -315,6 +315,10 @@ def main(argv=None) -> int:
     print(f"flowrl core benchmark | torch {torch.__version__} | {platform.processor() or platform.machine()} | "
           f"{os.cpu_count()} CPUs | python {platform.python_version()}")
     print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} (other jobs on this machine slow the wall times)")
+    pre = os.environ.get("LD_PRELOAD", "")
+    alloc = "jemalloc (LD_PRELOAD)" if "jemalloc" in pre else ("tcmalloc (LD_PRELOAD)" if "tcmalloc" in pre else "glibc malloc")
+    print(f"allocator: {alloc}. glibc maps every 64 MB tensor fresh (about 16k page faults per [B, T]); a caching "
+          "allocator (jemalloc here, torch's own on CUDA) reuses them: `make bench` preloads jemalloc when installed")
     print(f"B={args.B} ({args.B // args.group} groups of {args.group}, shuffled), T={args.T}, S={args.S}, "
           f"{args.parts} outcome parts, {len(ADVANTAGES)} registered estimators")
     if not mem_ok:
