@@ -21,7 +21,8 @@ demo: $(STAMP)
 	$(BIN)/flowrl train configs/digits/flow_grpo.yaml --out runs/digits_flow_grpo_$$(date +%Y%m%d_%H%M%S)
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	# two workers: one per core (each test runs torch on one thread)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2
 
 JEMALLOC := $(wildcard /usr/lib/x86_64-linux-gnu/libjemalloc.so.2)
 
