@@ -151,6 +151,20 @@ class FlowAdapterBase:
         """The transformer (with its LoRA adapter once ``add_lora`` was called)."""
         return self.transformer
 
+    def prompt_texts(self, prompts: list[str], *, cfg: bool, negative_prompt=None) -> tuple[list[str], int]:
+        """The texts to encode for ``prompts`` (B of them): the prompts, then with ``cfg`` their negative prompts
+        (``negative_prompt``: one string, or one per prompt; default the adapter's). Returns (texts, B)."""
+        if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be a non-empty list of strings")
+        texts, b = list(prompts), len(prompts)
+        if cfg:
+            neg = negative_prompt if negative_prompt is not None else self.negative_prompt
+            neg = [neg] * b if isinstance(neg, str) else list(neg)
+            if len(neg) != b:
+                raise ValueError(f"{len(neg)} negative prompts for {b} prompts")
+            texts += neg
+        return texts, b
+
     @property
     def denoiser(self) -> nn.Module:
         """The module the forward pass calls: the wrapped transformer while training, else the transformer."""

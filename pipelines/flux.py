@@ -129,15 +129,7 @@ class FluxPipeline(FlowAdapterBase):
 
     def encode_prompts(self, prompts: list[str], *, cfg: bool = False, negative_prompt: Optional[str | list[str]] = None) -> Cond:
         """Cond: prompt_embeds (T5) [B, L, D], pooled_prompt_embeds (CLIP pooled) [B, D_pool]; ``negative_*`` with cfg."""
-        if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise TypeError("prompts must be a non-empty list of strings")
-        texts, b = list(prompts), len(prompts)
-        if cfg:
-            neg = negative_prompt if negative_prompt is not None else self.negative_prompt
-            neg = [neg] * b if isinstance(neg, str) else list(neg)
-            if len(neg) != b:
-                raise ValueError(f"{len(neg)} negative prompts for {b} prompts")
-            texts += neg
+        texts, b = self.prompt_texts(prompts, cfg=cfg, negative_prompt=negative_prompt)
         emb, pooled = self._encode(texts)
         cond = {"prompt_embeds": emb[:b], "pooled_prompt_embeds": pooled[:b]}
         if cfg:

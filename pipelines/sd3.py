@@ -145,17 +145,8 @@ class SD3Pipeline(FlowAdapterBase):
         the embeddings of ``negative_prompt`` (default: the adapter's, "" unless set) as ``negative_*``; plus the
         tensors of ``prompt_labeler(prompts)`` when the adapter has one (the digits model adds ``digit`` long [B],
         which process rewards read)."""
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts) or len(prompts) == 0:
-            raise TypeError("prompts must be a non-empty list of strings")
-        texts = list(prompts)
-        if cfg:
-            neg = negative_prompt if negative_prompt is not None else self.negative_prompt
-            neg = [neg] * len(prompts) if isinstance(neg, str) else list(neg)
-            if len(neg) != len(prompts):
-                raise ValueError(f"{len(neg)} negative prompts for {len(prompts)} prompts")
-            texts += neg
+        texts, b = self.prompt_texts(prompts, cfg=cfg, negative_prompt=negative_prompt)
         emb, pooled = self._encode(texts)
-        b = len(prompts)
         cond = {"prompt_embeds": emb[:b], "pooled_prompt_embeds": pooled[:b]}
         if cfg:
             cond[NEGATIVE_PREFIX + "prompt_embeds"] = emb[b:]

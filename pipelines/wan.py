@@ -93,15 +93,7 @@ class WanPipeline(FlowAdapterBase):
 
     def encode_prompts(self, prompts: list[str], *, cfg: bool = False, negative_prompt: Optional[str | list[str]] = None) -> Cond:
         """Cond: prompt_embeds [B, L, D] (UMT5 states, zero past each prompt); ``negative_prompt_embeds`` with cfg."""
-        if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise TypeError("prompts must be a non-empty list of strings")
-        texts, b = list(prompts), len(prompts)
-        if cfg:
-            neg = negative_prompt if negative_prompt is not None else self.negative_prompt
-            neg = [neg] * b if isinstance(neg, str) else list(neg)
-            if len(neg) != b:
-                raise ValueError(f"{len(neg)} negative prompts for {b} prompts")
-            texts += neg
+        texts, b = self.prompt_texts(prompts, cfg=cfg, negative_prompt=negative_prompt)
         emb = self._encode(texts)
         cond = {"prompt_embeds": emb[:b]}
         if cfg:
