@@ -275,3 +275,15 @@ def test_countdown_config_runs_with_a_tiny_random_model(tmp_path):
     row = train_rows(out)[0]
     assert 0.0 < row["reward"] <= 1.0  # the scorer's floor is 0.01: every completion was scored
     assert (out / "lora").is_dir()
+
+
+def test_gradient_checkpointing_gives_the_same_update(tmp_path):
+    """Recomputing activations in the backward pass changes memory, not the update."""
+    path = ROOT / "configs/arith/grpo.yaml"
+    rows = []
+    for gc in ("false", "true"):
+        out = tmp_path / gc
+        train(cfg_of(path, "iterations=1", f"gradient_checkpointing={gc}"), out)
+        rows.append(train_rows(out)[0])
+    assert rows[0]["grad_norm"] == pytest.approx(rows[1]["grad_norm"], rel=1e-4)
+    assert rows[0]["reward"] == rows[1]["reward"]

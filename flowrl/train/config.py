@@ -104,6 +104,7 @@ class FlowConfig:
     same_noise_per_prompt: bool = field(False, help="one initial noise per prompt's group (DanceGRPO)")
     timestep_fraction: float = field(1.0, help="fraction of the SDE steps trained per iteration, drawn at random (DanceGRPO)")
     steps_per_backward: int = field(0, help="denoising steps per forward/backward chunk (0: all at once)")
+    micro_batch: int = field(0, help="samples per forward/backward chunk; gradients accumulate over chunks (0: the whole minibatch)")
     rewards: dict[str, Any] = field(default_factory=lambda: {"digits": {"weight": 1.0}},
                                     help="outcome rewards {name: {weight, type, options}} (flowrl.rewards.build_rewards)")
     process_reward: Optional[dict[str, Any]] = field(None, help="process reward {type: registered name, ...options} for guidance / dual rewards")
@@ -178,6 +179,7 @@ class TrainConfig:
     progress: bool = field(True, help="show progress bars")
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"], help="accelerate trackers (tensorboard, wandb)")
     mixed_precision: Literal["no", "bf16", "fp16"] = field("no", help="accelerate mixed precision (GPU only; 'no' on CPU)")
+    gradient_checkpointing: bool = field(False, help="recompute activations in the backward pass (less memory, more compute)")
     optim: OptimConfig = field(default_factory=OptimConfig, help="optimiser")
     lora: LoraConfig = field(default_factory=LoraConfig, help="LoRA adapters")
     ema: EMAConfig = field(default_factory=EMAConfig, help="EMA of the trained weights")

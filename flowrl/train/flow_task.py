@@ -101,6 +101,10 @@ class FlowTask:
         else:
             self.pipe.trainable.requires_grad_(True)
         self.module: nn.Module = self.pipe.trainable
+        if cfg.gradient_checkpointing:
+            if not hasattr(self.module, "enable_gradient_checkpointing"):
+                raise ValueError(f"gradient_checkpointing: {type(self.module).__name__} does not support it")
+            self.module.enable_gradient_checkpointing()
         self.module.train()
         needs_ref = cfg.loss.kl_beta > 0 or cfg.algorithm == "ac_flow"
         self._ref_module = copy.deepcopy(self.module).requires_grad_(False).eval() if needs_ref and not cfg.lora.enabled else None
@@ -251,34 +255,43 @@ class FlowTask:
         return self._ppo_backward(roll, index, batch, adv)
 
     def _ppo_backward(self, roll: Rollout, index: Tensor, batch: TrajectoryBatch, adv: Tensor) -> dict:
+        """Per-step PPO on the recomputed kernel log-probs, accumulated over chunks of (samples x denoising steps):
+        ``flow.micro_batch`` samples and ``flow.steps_per_backward`` steps per forward/backward (0: all). Each
+        chunk's loss is weighted by its share of the valid actions, so the accumulated gradient equals one pass
+        over the whole minibatch (exactly for token_mean; for the other aggregations whenever no sample is masked,
+        as in a flow rollout where every sample has the same steps)."""
         cfg, traj, steps = self.cfg, roll.side["traj"], roll.side["steps"]
         b, T = batch.mask.shape
-        chunk = self.fc.steps_per_backward or T
+        tc = self.fc.steps_per_backward or T
+        rc = self.fc.micro_batch or b
         metrics: dict[str, float] = {}
         n_valid = batch.mask.float().sum().clamp_min(1)
-        for start in range(0, T, chunk):  # chunks of denoising steps (time), one backward each
-            cols = torch.arange(start, min(start + chunk, T), device=batch.mask.device)
-            c = len(cols)
-            rows = index.to(traj.latents.device).repeat(c)
-            st = steps[cols].repeat_interleave(b)
-            out = recompute_log_prob(self.pipe, traj, st, index=rows)
-            logp = out.log_prob.view(c, b).T
-            m = batch.mask[:, cols]
-            loss, lm = compute_policy_loss(cfg.loss.name, logp, batch.old_logp[:, cols], adv[:, cols], m,
-                                           agg=cfg.loss.agg, **cfg.loss.params)
-            if cfg.loss.kl_beta > 0:
-                with torch.no_grad(), self.reference() as ref:
-                    ref_mean = recompute_log_prob(ref, traj, st, index=rows).mean
-                # KL(N(mu, s^2) || N(mu_ref, s^2)) = ||mu - mu_ref||^2 / (2 s^2), averaged over the latent's elements
-                dims = tuple(range(1, out.mean.dim()))
-                kl = ((out.mean - ref_mean) ** 2).mean(dim=dims) / (2 * out.std ** 2)
-                kl = aggregate(kl.view(c, b).T, m, cfg.loss.agg)
-                loss = loss + cfg.loss.kl_beta * kl
-                lm["policy/kl"] = kl.detach()
-            weight = m.float().sum() / n_valid
-            self.acc.backward(loss * weight)
-            for k, v in lm.items():
-                metrics[k] = metrics.get(k, 0.0) + float(v) * float(weight)
+        dev = batch.mask.device
+        for r0 in range(0, b, rc):  # micro-batches of samples
+            rsel = torch.arange(r0, min(r0 + rc, b), device=dev)
+            for t0 in range(0, T, tc):  # chunks of denoising steps (time)
+                cols = torch.arange(t0, min(t0 + tc, T), device=dev)
+                c, r = len(cols), len(rsel)
+                rows = index.to(traj.latents.device)[rsel].repeat(c)
+                st = steps[cols].repeat_interleave(r)
+                out = recompute_log_prob(self.pipe, traj, st, index=rows)
+                logp = out.log_prob.view(c, r).T
+                m = batch.mask[rsel][:, cols]
+                loss, lm = compute_policy_loss(cfg.loss.name, logp, batch.old_logp[rsel][:, cols], adv[rsel][:, cols],
+                                               m, agg=cfg.loss.agg, **cfg.loss.params)
+                if cfg.loss.kl_beta > 0:
+                    with torch.no_grad(), self.reference() as ref:
+                        ref_mean = recompute_log_prob(ref, traj, st, index=rows).mean
+                    # KL(N(mu, s^2) || N(mu_ref, s^2)) = ||mu - mu_ref||^2 / (2 s^2), averaged over the latent's elements
+                    dims = tuple(range(1, out.mean.dim()))
+                    kl = ((out.mean - ref_mean) ** 2).mean(dim=dims) / (2 * out.std ** 2)
+                    kl = aggregate(kl.view(c, r).T, m, cfg.loss.agg)
+                    loss = loss + cfg.loss.kl_beta * kl
+                    lm["policy/kl"] = kl.detach()
+                weight = m.float().sum() / n_valid
+                self.acc.backward(loss * weight)
+                for k, v in lm.items():
+                    metrics[k] = metrics.get(k, 0.0) + float(v) * float(weight)
         return metrics
 
     # ------------------------------------------------------------------ AC-Flow

@@ -202,6 +202,8 @@ class LLMTask:
         if lc.backend == "vllm" and self.pipe.vllm is None:
             raise ValueError("llm.backend=vllm needs a model loaded through load_causal_lm (set llm.model to a path/hub id)")
         self.module: nn.Module = self.pipe.model
+        if cfg.gradient_checkpointing:
+            self.module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if not cfg.lora.enabled:
             self.module.requires_grad_(True)
         self.module.train()
