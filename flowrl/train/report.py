@@ -51,6 +51,12 @@ def write_report(out_dir: str | Path, title: Optional[str] = None) -> Path:
             change = "" if b is None or a is None else f"{a - b:+.4f}"
             lines.append(f"| {k} | {_fmt(b)} | {_fmt(a)} | {change} |")
         lines.append("")
+        if "accuracy" in after and "realism" in after:
+            gain = after["accuracy"] - before["accuracy"]
+            ok = gain >= 0.20 and after["accuracy"] >= 0.90 and after["realism"] <= (1 + REALISM_TOL) * before["realism"]
+            lines += [f"Judge accuracy {before['accuracy']:.1%} -> {after['accuracy']:.1%} ({gain * 100:+.1f} points), "
+                      f"realism {before['realism']:.3f} -> {after['realism']:.3f}: the demo's bar (+20 points, to at "
+                      f"least 90%, realism within {REALISM_TOL:.0%} of the base) is **{'met' if ok else 'not met'}**.", ""]
         flags = hacking_flags(before, after)
         if flags:
             lines += ["**Reward hacking suspected:**", ""] + [f"- {f}" for f in flags] + [""]
