@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .advantages import discounted_returns, last_action_index, outcome_at_end, register_advantage
-from .batch import TrajectoryBatch, broadcast_to_actions, gather_steps
+from .batch import TrajectoryBatch
 from .groups import group_advantages, group_index, group_step_stats, masked_whiten, segment_stats
 
 __all__ = [

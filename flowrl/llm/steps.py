@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 import weakref
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor

@@ -347,7 +347,7 @@ class LLMTask:
 
     def _finish(self, s: dict, group: Tensor, it: int, metrics: dict) -> Rollout:
         """Steps, process rewards, reference log-probs, penalties and shaping; the TrajectoryBatch."""
-        cfg, lc = self.cfg, self.lc
+        lc = self.lc
         dev = self.acc.device
         s["input_ids"] = torch.cat([s["prompt_ids"], s["comp_ids"]], dim=1)
         s["attention_mask"] = torch.cat([s["prompt_mask"], s["comp_mask"]], dim=1).long()

@@ -10,7 +10,6 @@ its checkpoint continues exactly as the uninterrupted run (the resume test check
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from pathlib import Path
 from typing import Any, Optional, Protocol
@@ -21,7 +20,6 @@ from tqdm.auto import tqdm
 
 from flowrl.config import to_dict
 from flowrl.core import TrajectoryBatch, compute_advantages, zero_variance_filter
-from flowrl.core.groups import world_size
 from flowrl.train.checkpoint import (
     CheckpointError, config_fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint,
 )
