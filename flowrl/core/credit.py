@@ -20,7 +20,7 @@ Conventions shared by this module:
   and every per-sample quantity inside the batch (no tensors in config parameters).
 
 No Python loop runs over samples, groups or tokens; the few loops that remain are recurrences over
-the S steps (discounted returns), each marked as such. Nothing calls ``.item()``; the only host
+the S steps (discounted returns), each marked as such. No scalar is read back per call; the only host
 syncs are the shape of ``torch.unique`` (group and node ids) and ``bool(...)`` checks that raise on bad input.
 """
 from __future__ import annotations
