@@ -431,3 +431,16 @@ def soft_overlong_penalty(lengths, max_len: int, cache_len: int, factor: float =
         else:
             out.append(-factor)
     return out
+
+
+def loss_inputs(gen: torch.Generator, B: int = 9, T: int = 13, spread: float = 0.3, seq_adv: bool = False):
+    """(logp, old_logp, adv, mask) for loss tests: a ragged mask with holes and one empty row; ratios spread
+    around 1 so that some tokens clip; ``seq_adv`` gives one advantage per sequence."""
+    lengths = torch.randint(1, T + 1, (B,), generator=gen)
+    mask = (torch.arange(T)[None] < lengths[:, None]) & (torch.rand(B, T, generator=gen) > 0.2)
+    mask[:, 0] = True
+    mask[B // 2] = False
+    old = -torch.rand(B, T, generator=gen) * 3
+    logp = old + spread * torch.randn(B, T, generator=gen)
+    adv = torch.randn(B, 1, generator=gen).expand(B, T).clone() if seq_adv else torch.randn(B, T, generator=gen)
+    return logp, old, adv, mask

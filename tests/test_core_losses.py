@@ -11,16 +11,7 @@ from flowrl.core import AGG_MODES, LOSSES, aggregate, compute_policy_loss, impor
 from flowrl.core.losses import gspo, ppo_clip, register_loss
 
 
-def _inputs(gen: torch.Generator, B: int = 9, T: int = 13, spread: float = 0.3, seq_adv: bool = False):
-    """Ragged mask with holes and one empty row; ratios spread around 1 so that some tokens clip."""
-    lengths = torch.randint(1, T + 1, (B,), generator=gen)
-    mask = (torch.arange(T)[None] < lengths[:, None]) & (torch.rand(B, T, generator=gen) > 0.2)
-    mask[:, 0] = True
-    mask[B // 2] = False
-    old = -torch.rand(B, T, generator=gen) * 3
-    logp = old + spread * torch.randn(B, T, generator=gen)
-    adv = torch.randn(B, 1, generator=gen).expand(B, T).clone() if seq_adv else torch.randn(B, T, generator=gen)
-    return logp, old, adv, mask
+_inputs = ref.loss_inputs
 
 
 def _t(x) -> torch.Tensor:

@@ -8,19 +8,14 @@ import torch
 
 from flowrl.core import LOSSES, compute_policy_loss
 from flowrl.core.losses_extra import oreal_token_rm_loss, oreal_token_weights
+from reference import loss_inputs
 
 SEEDS = [0, 1, 2]
 AGGS = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"]
 
 
 def inputs(gen, B=10, T=9, spread=0.4):
-    lengths = torch.randint(1, T + 1, (B,), generator=gen)
-    mask = (torch.arange(T)[None] < lengths[:, None]) & (torch.rand(B, T, generator=gen) > 0.2)
-    mask[:, 0] = True
-    mask[B // 2] = False
-    old = -torch.rand(B, T, generator=gen) * 3
-    logp = old + spread * torch.randn(B, T, generator=gen)
-    adv = torch.randn(B, 1, generator=gen).expand(B, T).clone()
+    logp, old, adv, mask = loss_inputs(gen, B=B, T=T, spread=spread, seq_adv=True)
     adv[1] = 0.0
     return logp, old, adv, mask
 

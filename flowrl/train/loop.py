@@ -9,6 +9,7 @@ its checkpoint continues exactly as the uninterrupted run (the resume test check
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -168,7 +169,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, task: 
     logger = MetricsLogger(out_dir, accelerator=acc, resume_step=start if ckpt is not None else None, is_main=main)
 
     def evaluate(step: int) -> dict[str, float]:
-        with (ema.swapped() if ema is not None else _null()):
+        with (ema.swapped() if ema is not None else contextlib.nullcontext()):
             m = task.evaluate(step, out_dir)
         logger.log(m, step=step, split="eval")
         return m
@@ -245,14 +246,6 @@ def _curve_keys(out_dir: Path) -> list[str]:
     rows = read_metrics(out_dir, split="eval")
     keys = [k for k in ("reward", "accuracy", "reward_accuracy", "realism") if any(k in r for r in rows)]
     return keys or ["reward"]
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _yaml(d: dict) -> str:
