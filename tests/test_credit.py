@@ -268,7 +268,7 @@ def whiten_ref(b, vals, eps):
     return out
 
 
-def prime_ref(b, beta, rm_coef, granularity, gamma, batch_norm, eps=1e-8):
+def prime_ref(b, beta, rm_coef, granularity, gamma, batch_norm, eps=1e-8, outcome_coef=5.0):
     valid = valid_of(b)
     g = b.group.tolist()
     acts = {i: [t for t in range(b.num_actions) if bool(b.mask[i, t])] if valid[i] else [] for i in range(b.batch_size)}
@@ -292,7 +292,7 @@ def prime_ref(b, beta, rm_coef, granularity, gamma, batch_norm, eps=1e-8):
                 mx = max(mx, abs(sum(dense[t:])))
         if mx > 0:
             rm = {i: {t: v / mx for t, v in d.items()} for i, d in rm.items()}
-    ver = {i: ({acts[i][-1]: float(b.outcome[i])} if acts[i] else {}) for i in acts}
+    ver = {i: ({acts[i][-1]: outcome_coef * float(b.outcome[i])} if acts[i] else {}) for i in acts}
 
     def rloo(src):
         means = {i: mean(list(d.values())) for i, d in src.items() if d}
@@ -323,6 +323,40 @@ def test_prime(seed, granularity, gamma, batch_norm):
     got = compute_advantages("prime", b, beta=0.05, rm_coef=5.0, granularity=granularity, gamma=gamma,
                              batch_norm=batch_norm)
     assert_close(got, prime_ref(b, 0.05, 5.0, granularity, gamma, batch_norm), atol=1e-4)
+    got = compute_advantages("prime", b, beta=0.05, rm_coef=2.0, outcome_coef=0.5, granularity=granularity, gamma=gamma,
+                             batch_norm=batch_norm)
+    assert_close(got, prime_ref(b, 0.05, 2.0, granularity, gamma, batch_norm, outcome_coef=0.5), atol=1e-4)
+
+
+@pytest.mark.parametrize("granularity,gamma", [("token", 1.0), ("whole", 1.0), ("token", 0.9)])
+def test_prime_weighs_process_and_outcome_as_prime_does(granularity, gamma):
+    """PRIME multiplies both sources by 5 (reward_dpo_coef = reward_gt_coef = 5): after whitening its defaults equal
+    rm_coef = outcome_coef = 1, and differ from weighing the outcome by 1 against the process by 5 (the old port)."""
+    b = make_batch(torch.Generator().manual_seed(5))
+    one = compute_advantages("prime", b, rm_coef=1.0, outcome_coef=1.0, granularity=granularity, gamma=gamma)
+    assert_close(compute_advantages("prime", b, granularity=granularity, gamma=gamma), one.double(), atol=1e-4)
+    old = compute_advantages("prime", b, outcome_coef=1.0, granularity=granularity, gamma=gamma)
+    assert float((old - one).abs().max()) > 1e-2
+
+
+def test_prime_hand_worked():
+    """One group of K = 2, two actions each; the PRM favours sample 0 (log pi_phi - log pi_ref = [2, 0] vs [0, 0]),
+    the outcome sample 1 (outcomes [0, 1]). beta 0.05, rm_coef = outcome_coef = 5, token granularity, gamma 1.
+    Process: r = 5 * 0.05 * d = [0.5, 0] and [0, 0]; sample means 0.25, 0; RLOO r * K/(K-1) - (0.25 + 0)/(K-1)
+    = [0.75, -0.25] and [-0.25, -0.25]; returns (reverse cumsum) [0.5, -0.25] and [-0.5, -0.25].
+    Outcome: 5 * [0, 1] at the last action, RLOO -5 and +5, returns [-5, -5] and [5, 5].
+    Sum [-4.5, -5.25], [4.5, 4.75]; whitened with the mean and the unbiased variance of these four values."""
+    ref = torch.tensor([[-1.0, -0.5], [-0.7, -0.2]])
+    hand = TrajectoryBatch(group=torch.tensor([0, 0]), mask=torch.ones(2, 2, dtype=torch.bool),
+                           step=torch.zeros(2, 2, dtype=torch.long), old_logp=ref.clone(), ref_logp=ref,
+                           outcome=torch.tensor([0.0, 1.0]))
+    prm = ref + torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+    ret = torch.tensor([[-4.5, -5.25], [4.5, 4.75]])
+    m = ret.mean()
+    want = ((ret - m) / torch.sqrt(((ret - m) ** 2).sum() / 3 + 1e-8)).double()
+    got = compute_advantages("prime", hand, prm_logp=prm, beta=0.05, rm_coef=5.0, outcome_coef=5.0)
+    assert_close(got, want, atol=1e-5)
+    assert_close(compute_advantages("prime", hand, prm_logp=prm, granularity="token", gamma=0.999999), want, atol=1e-4)
 
 
 def test_prime_uses_given_prm_logp():

@@ -297,7 +297,8 @@ def _rloo_dense(r: Tensor, pos: Tensor, group: Tensor, valid: Tensor) -> Tensor:
 @register_advantage("prime", requires=("ref_logp",))
 def prime(
     batch: TrajectoryBatch, *, prm_logp: Optional[Tensor] = None, beta: float = 0.05, rm_coef: float = 5.0,
-    granularity: str = "token", gamma: float = 1.0, batch_norm: bool = False, eps: float = 1e-8,
+    outcome_coef: float = 5.0, granularity: str = "token", gamma: float = 1.0, batch_norm: bool = False,
+    eps: float = 1e-8,
 ) -> Tensor:
     """PRIME (Cui et al., arXiv 2502.01456): implicit process rewards + outcome, RLOO per source, whitened.
 
@@ -305,7 +306,8 @@ def prime(
     granularity "token": the reward is q_t on every valid action; "step": the sum of q over a step,
     on the step's last valid action; "whole": the sum over the trajectory, on its last valid action.
     ``batch_norm``: the process rewards are divided by max over the batch of |reverse cumsum| (prime_norm).
-    Each source (process, times ``rm_coef``; outcome, on the last valid action) goes through PRIME's
+    Each source (process, times ``rm_coef``, PRIME's reward_dpo_coef; outcome on the last valid action, times
+    ``outcome_coef``, PRIME's reward_gt_coef; both 5 in PRIME, so the two sources weigh the same) goes through PRIME's
     RLOO (``_rloo_dense``: r_t * K/(K-1) - sum_j m_j/(K-1), m_j the mean of sample j's reward over its
     reward positions), then a discounted reverse cumsum with ``gamma``; the two returns are summed and
     A = masked_whiten(returns) over the batch's valid actions (the code's form, [code] in the notes).
@@ -321,7 +323,7 @@ def prime(
     if tuple(lp.shape) != tuple(mask.shape):
         raise ValueError(f"prime: prm_logp has shape {tuple(lp.shape)}; expected [B, T] = {tuple(mask.shape)}")
     if granularity == "token" and gamma == 1.0:
-        return _prime_token_undiscounted(batch, lp, beta, rm_coef, batch_norm, eps)
+        return _prime_token_undiscounted(batch, lp, beta, rm_coef, outcome_coef, batch_norm, eps)
     zero = _zero(batch.device)
     q = torch.where(mask, beta * (lp.to(torch.float32) - batch.ref_logp.to(torch.float32)), zero)
     if granularity == "token":
@@ -345,20 +347,21 @@ def prime(
     valid = batch.valid
     rm = _rloo_dense(rm_coef * rm, pos, batch.group, valid)
     last_pos = torch.zeros_like(mask).scatter_(1, last_action_index(mask)[:, None], mask.any(dim=1, keepdim=True))
-    ver = _rloo_dense(outcome_at_end(torch.where(valid, batch.outcome.to(torch.float32), zero), mask), last_pos,
+    out = outcome_coef * torch.where(valid, batch.outcome.to(torch.float32), zero)
+    ver = _rloo_dense(outcome_at_end(out, mask), last_pos,
                       batch.group, valid)
     returns = discounted_returns(rm, mask, gamma) + discounted_returns(ver, mask, gamma)
     return masked_whiten(returns, mask & valid[:, None], eps=eps)
 
 
-def _prime_token_undiscounted(batch: TrajectoryBatch, lp: Tensor, beta: float, rm_coef: float, batch_norm: bool,
-                              eps: float) -> Tensor:
+def _prime_token_undiscounted(batch: TrajectoryBatch, lp: Tensor, beta: float, rm_coef: float, outcome_coef: float,
+                              batch_norm: bool, eps: float) -> Tensor:
     """``prime`` for granularity "token", gamma = 1, in closed form (the same numbers, fewer passes over [B, T]).
 
     With d = (log pi_phi - log pi_ref) on valid actions, Q_t = sum_{s >= t} d_s and N_t = # valid actions at or
     after t, the process return is c_i Q_t - b_i N_t (c_i = rm_coef * scale * K/(K-1), b_i = rm_coef *
-    sum_j m_j/(K-1), m_j = scale * mean_t d_{j,t}) and the outcome return is the RLOO outcome v_i on every
-    valid action; then whitening over the valid actions. Every [B, T] step is in place after three allocations.
+    sum_j m_j/(K-1), m_j = scale * mean_t d_{j,t}) and the outcome return is the RLOO of outcome_coef * r, v_i, on
+    every valid action; then whitening over the valid actions. Every [B, T] step is in place after three allocations.
     """
     mask = batch.mask
     valid = batch.valid
@@ -381,7 +384,7 @@ def _prime_token_undiscounted(batch: TrajectoryBatch, lp: Tensor, beta: float, r
     zero = _zero(mask.device)
     c = torch.where(on, rm_coef * scale * K / Kc, zero)
     b = torch.where(on, rm_coef * segment_stats(m, inv, G, rows).sum[inv] / Kc, zero)
-    r = torch.where(rows, batch.outcome.to(torch.float32), zero)
+    r = torch.where(rows, outcome_coef * batch.outcome.to(torch.float32), zero)
     v = torch.where(on, r * K / Kc - segment_stats(r, inv, G, rows).sum[inv] / Kc, zero)
     N = torch.cumsum(mf, dim=1).neg_().add_(n[:, None]).add_(mf)
     R = Q.mul_(c[:, None]).sub_(N.mul_(b[:, None])).add_(v[:, None]).mul_(mf)
