@@ -168,25 +168,32 @@ def make_problems(n: int, *, split: str = "heldout", seed: int = 0, digits: int 
 
 
 # ----------------------------------------------------------------------------- tokenizer + model
-def build_tokenizer():
-    """The character tokenizer as a transformers ``PreTrainedTokenizerFast`` (left padding).
+def char_tokenizer(chars: str, model_max_length: int = 64):
+    """A character tokenizer over ``chars`` as a transformers ``PreTrainedTokenizerFast`` (left padding).
 
-    Built with the ``tokenizers`` library: a BPE model with no merges over the 16 characters splits
-    text into single characters; ``<pad>`` (0), ``<eos>`` (1), ``<unk>`` (2) are special tokens; the
-    decoder concatenates characters.
+    Built with the ``tokenizers`` library: a BPE model with no merges over the characters splits text
+    into single characters; ``<pad>`` (0), ``<eos>`` (1), ``<unk>`` (2) are special tokens, then the
+    characters in the order given (ids 3, 4, ...); the decoder concatenates characters.
     """
     from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(list(SPECIALS) + list(CHARS))}
+    if len(set(chars)) != len(chars) or not chars:
+        raise ValueError(f"char_tokenizer: chars={chars!r} must be non-empty with no repeated character")
+    vocab = {tok: i for i, tok in enumerate(list(SPECIALS) + list(chars))}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
     core.add_special_tokens(list(SPECIALS))
     core.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token=PAD, eos_token=EOS, unk_token=UNK, padding_side="left",
-        model_max_length=64, clean_up_tokenization_spaces=False,
+        model_max_length=model_max_length, clean_up_tokenization_spaces=False,
     )
     return tok
+
+
+def build_tokenizer():
+    """The arithmetic model's character tokenizer (:func:`char_tokenizer` over the 16 characters ``CHARS``)."""
+    return char_tokenizer(CHARS)
 
 
 def model_config(vocab_size: int = len(SPECIALS) + len(CHARS)):

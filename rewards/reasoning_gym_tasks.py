@@ -1,7 +1,8 @@
 """Procedural reasoning tasks from the ``reasoning-gym`` package, as datasets with their own scorers.
 
 Nothing is downloaded: every task is generated from a seed. :func:`make_task_dataset` gives a list-like
-dataset of rows ``{"prompt", "answer", "entry", "task"}``; ``entry`` is reasoning-gym's own record (question,
+dataset of rows ``{"prompt", "answer", "entry", "task"}`` (the prompt: the English question in a template, or
+for countdown a compact rendering of the numbers and target, :func:`compact_prompt`); ``entry`` is reasoning-gym's own record (question,
 reference answer, metadata), JSON-serialisable, and it is what the scorer reads. The reward
 ``reasoning_gym`` scores completions with the task's own ``score_answer`` (reasoning-gym's
 ``get_score_answer_fn(task)``), reading the answer from the last ``<answer>...</answer>`` block (or the
@@ -37,16 +38,48 @@ DEFAULT_TEMPLATE = (
 )
 
 
+PROMPT_FORMATS = ("template", "compact")
+
+
+def _compact_countdown(entry: dict) -> str:
+    m = entry["metadata"]
+    return " ".join(str(n) for n in m["numbers"]) + f"={m['target']}:"
+
+
+# task -> compact rendering of an entry's metadata (for tiny character-level models such as the embedded one)
+_COMPACT = {"countdown": _compact_countdown}
+
+
+def compact_prompt(entry: dict) -> str:
+    """The compact prompt of a reasoning-gym record, built from its metadata instead of the English question.
+
+    countdown: the numbers space-separated, ``=``, the target, ``:`` (numbers [3, 7, 25, 50], target 175 ->
+    ``"3 7 25 50=175:"``); the answer is the bare expression (the scorer reads the whole completion).
+    """
+    task = _task_of(entry)
+    if task not in _COMPACT:
+        raise ValueError(f"prompt_format='compact' is defined for the tasks {sorted(_COMPACT)}; not for {task!r} "
+                         "(use prompt_format='template')")
+    return _COMPACT[task](entry)
+
+
 def make_task_dataset(task: str, size: int = 1000, seed: int = 0, template: str = DEFAULT_TEMPLATE,
-                      **config: Any) -> list[dict]:
+                      prompt_format: str = "template", **config: Any) -> list[dict]:
     """``size`` procedurally generated problems of the reasoning-gym task ``task`` (``config``: the task's own
-    options, e.g. ``min_numbers=3, max_numbers=4`` for countdown). Rows: ``{"prompt": template.format(question=...),
-    "answer": reference answer, "entry": reasoning-gym record, "task": task}``. Deterministic in ``seed``."""
+    options, e.g. ``min_numbers=3, max_numbers=4`` for countdown). Rows: ``{"prompt": ..., "answer": reference
+    answer, "entry": reasoning-gym record, "task": task}``; the prompt is ``template.format(question=...)``
+    (``prompt_format="template"``) or :func:`compact_prompt` of the record (``"compact"``). Deterministic in
+    ``seed``: entry ``i`` is reasoning-gym's item ``i`` of seed ``seed`` (its own RNG seeded ``seed + i``)."""
     import reasoning_gym
 
     if size < 1:
         raise ValueError(f"reasoning-gym task dataset size must be >= 1; got {size}")
-    if "{question}" not in template:
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"reasoning-gym prompt_format={prompt_format!r}; valid: {list(PROMPT_FORMATS)}")
+    if prompt_format == "compact" and task not in _COMPACT:
+        raise ValueError(f"prompt_format='compact' is defined for the tasks {sorted(_COMPACT)}; not for {task!r} "
+                         "(use prompt_format='template')")
+    if prompt_format == "template" and "{question}" not in template:
         raise ValueError(f"reasoning-gym template {template!r} must contain '{{question}}'")
     try:
         ds = reasoning_gym.create_dataset(task, size=size, seed=seed, **config)
@@ -56,7 +89,8 @@ def make_task_dataset(task: str, size: int = 1000, seed: int = 0, template: str 
     rows = []
     for i in range(size):  # dataset construction, not a training-time path
         entry = ds[i]
-        rows.append({"prompt": template.format(question=entry["question"]), "answer": str(entry["answer"]),
+        prompt = template.format(question=entry["question"]) if prompt_format == "template" else compact_prompt(entry)
+        rows.append({"prompt": prompt, "answer": str(entry["answer"]),
                      "entry": entry, "task": task})
     return rows
 

@@ -39,6 +39,11 @@ def encode_batch(tok, pairs, rng: random.Random, args) -> tuple[torch.Tensor, to
     prompts = [ar.prompt_text(a, b) for a, b in pairs]
     comps = [ar.buggy_solution_text(a, b, rng, digits=args.digits, p_forget=args.p_forget,
                                     p_propagate=args.p_propagate)[0] for a, b in pairs]
+    return encode_texts(tok, prompts, comps)
+
+
+def encode_texts(tok, prompts: list[str], comps: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded ids, attention mask and loss mask (completion tokens and EOS) of prompt + completion + EOS."""
     p_ids = tok(prompts, add_special_tokens=False)["input_ids"]
     c_ids = tok(comps, add_special_tokens=False)["input_ids"]
     seqs = [p + c + [tok.eos_token_id] for p, c in zip(p_ids, c_ids)]
@@ -62,6 +67,35 @@ def save_tokenizer(tok, out: Path) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
+def fit(model, next_batch, *, steps: int, lr: float, warmup: int, log_every: int = 50, on_step=None) -> float:
+    """Supervised training: AdamW (weight decay 0.01, betas 0.9/0.98), linear warm-up over ``warmup`` steps then
+    constant ``lr``, grad-norm clip 1; the loss is the mean cross-entropy over the loss-mask tokens, with position
+    ids from the attention mask's cumsum (as generation sees left-padded rows). ``next_batch(step)`` gives
+    ``(ids, attention_mask, loss_mask)`` for steps 1..``steps``; ``on_step(step)`` runs after each update.
+    Returns the wall time in seconds."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    t0 = time.time()
+    model.train()
+    for step in range(1, steps + 1):
+        ids, attn, lmask = next_batch(step)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        m = lmask[:, 1:]
+        loss = (nll * m).sum() / m.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % log_every == 0 or step == 1:
+            print(f"step {step:5d}  loss {loss.item():.4f}  {time.time() - t0:6.1f} s", flush=True)
+        if on_step is not None:
+            on_step(step)
+    return time.time() - t0
+
+
 def train(args) -> Path:
     from transformers import LlamaForCausalLM
 
@@ -75,31 +109,19 @@ def train(args) -> Path:
     table = ar._heldout_table(args.digits)
     pool = np.flatnonzero(~table)
     lo, width = 10 ** (args.digits - 1), 10**args.digits - 10 ** (args.digits - 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
-    t0 = time.time()
-    model.train()
-    for step in range(1, args.steps + 1):
+
+    def next_batch(step: int):
         idx = nprng.choice(pool, size=args.batch)
         pairs = [(int(lo + i // width), int(lo + i % width)) for i in idx]
-        ids, attn, lmask = encode_batch(tok, pairs, rng, args)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-        m = lmask[:, 1:]
-        loss = (nll * m).sum() / m.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 50 == 0 or step == 1:
-            print(f"step {step:5d}  loss {loss.item():.4f}  {time.time() - t0:6.1f} s", flush=True)
+        return encode_batch(tok, pairs, rng, args)
+
+    def snapshot(step: int) -> None:
         if args.snapshots and step % args.snapshot_every == 0:
             d = Path(args.snapshots) / f"step{step}"
             model.save_pretrained(d)
             save_tokenizer(tok, d)
-    build_s = time.time() - t0
+
+    build_s = fit(model, next_batch, steps=args.steps, lr=args.lr, warmup=args.warmup, on_step=snapshot)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model.eval()

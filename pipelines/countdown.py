@@ -1,0 +1,62 @@
+"""The embedded countdown model: a tiny character-level causal LM for reasoning-gym's countdown task.
+
+Countdown (reasoning-gym, ``reasoning_gym.create_dataset("countdown", ...)``): reach the target with ``+ - * /``
+using each given number once. The model reads the compact prompt of
+:func:`flowrl.rewards.reasoning_gym_tasks.compact_prompt` and writes the expression alone, then EOS:
+
+    prompt      ``7 2 5=17:``          (the entry's metadata numbers, space-separated, ``=`` target, ``:``)
+    completion  ``5*2+7``              (scored as is by reasoning-gym's own ``score_answer``: no tag needed)
+
+Its alphabet (``CHARS``, 19 characters) covers exactly these prompts and answers. The shipped weights
+(``countdown_weights/``) are built by ``python scripts/build_countdown.py`` (its docstring gives the model size,
+the task options ``TASK_OPTIONS``, the training run and the measured accuracy); the trainer loads them with
+``llm.model: countdown`` and ``llm.prompt_format: compact`` (``configs/countdown/tiny_grpo.yaml``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from .arithmetic import SPECIALS, char_tokenizer
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "countdown_weights"
+
+# digits and operators of the answers; space, '=' and ':' of the compact prompt
+CHARS = "0123456789+-*/() =:"
+# the reasoning-gym countdown options the shipped model was trained on (and configs/countdown/tiny_grpo.yaml uses)
+TASK_OPTIONS = {"min_numbers": 3, "max_numbers": 3, "min_value": 1, "max_value": 10, "min_target": 1,
+                "max_target": 100}
+MAX_LENGTH = 64
+
+
+def build_tokenizer():
+    """The countdown model's character tokenizer (``<pad>`` 0, ``<eos>`` 1, ``<unk>`` 2, then ``CHARS``)."""
+    return char_tokenizer(CHARS, model_max_length=MAX_LENGTH)
+
+
+def model_config(vocab_size: int = len(SPECIALS) + len(CHARS)):
+    """The Llama config of the embedded countdown model: hidden 128, 4 layers, 4 heads, MLP 512, tied embeddings."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=MAX_LENGTH, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=None,
+    )
+
+
+def load_countdown(path: Optional[str | Path] = None, **kwargs):
+    """Load the shipped countdown model as a :class:`flowrl.pipelines.causal_lm.CausalLMPipeline`.
+
+    ``path`` defaults to the weights inside the installed package; ``kwargs`` go to
+    :func:`flowrl.pipelines.causal_lm.load_causal_lm` (dtype, device, lora, ...).
+    """
+    from .causal_lm import load_causal_lm
+
+    path = Path(path) if path is not None else WEIGHTS_DIR
+    if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"countdown weights not found in {path} (need model.safetensors, config.json and tokenizer files); "
+            "build them with `python scripts/build_countdown.py`"
+        )
+    return load_causal_lm(str(path), **kwargs)
