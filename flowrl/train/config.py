@@ -119,7 +119,7 @@ class FlowConfig:
 class LLMConfig:
     """LLM rollouts (``algorithm: llm_grpo | llm_prime``; flowrl.train.llm_task)."""
 
-    model: str = field("arithmetic", help="'arithmetic' (the embedded model) or a transformers causal LM (hub id / local dir, from_pretrained)")
+    model: str = field("arithmetic", help="'arithmetic' or 'countdown' (the embedded models) or a transformers causal LM (hub id / local dir, from_pretrained)")
     model_path: Optional[str] = field(None, help="local directory of the embedded model's weights (None: the shipped ones); ignored for other models")
     dtype: Literal["float32", "bfloat16", "float16"] = field("float32", help="model dtype (bf16/fp16 on GPU)")
     backend: Literal["transformers", "vllm"] = field("transformers", help="sampler: transformers generate, or vLLM (GPU; sampler-vs-trainer IS correction applies)")
@@ -128,6 +128,7 @@ class LLMConfig:
     task: str = field("countdown", help="reasoning-gym task name (dataset=reasoning_gym)")
     task_options: dict[str, Any] = field(default_factory=dict, help="reasoning-gym task options (e.g. {min_numbers: 3, max_numbers: 3})")
     template: Optional[str] = field(None, help="reasoning-gym prompt template with {question} (None: the module's default)")
+    prompt_format: Literal["template", "compact"] = field("template", help="reasoning-gym prompts: the English question in `template`, or a compact rendering of the entry's metadata (countdown: '3 7 25 50=175:', for the embedded countdown model)")
     dataset_size: int = field(5000, help="training problems drawn once (train split) with data_seed")
     data_seed: int = field(0, help="seed of the training problem pool")
     eval_size: int = field(200, help="held-out problems of the greedy evaluation (a fixed set, seed eval.seed)")

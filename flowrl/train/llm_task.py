@@ -76,8 +76,11 @@ def load_dataset(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
     from flowrl.rewards.reasoning_gym_tasks import DEFAULT_TEMPLATE, make_task_dataset
 
     tpl = lc.template or DEFAULT_TEMPLATE
-    train = make_task_dataset(lc.task, size=lc.dataset_size, seed=lc.data_seed, template=tpl, **lc.task_options)
-    ev = make_task_dataset(lc.task, size=lc.eval_size, seed=10_000_019 + cfg.eval.seed, template=tpl, **lc.task_options)
+    fmt = lc.prompt_format
+    train = make_task_dataset(lc.task, size=lc.dataset_size, seed=lc.data_seed, template=tpl, prompt_format=fmt,
+                              **lc.task_options)
+    ev = make_task_dataset(lc.task, size=lc.eval_size, seed=10_000_019 + cfg.eval.seed, template=tpl, prompt_format=fmt,
+                           **lc.task_options)
     return train, ev
 
 
@@ -190,10 +193,13 @@ class LLMTask:
         if cfg.lora.enabled:
             lora = {"r": cfg.lora.rank, "lora_alpha": cfg.lora.alpha,
                     "target_modules": list(cfg.lora.target_modules) or "all-linear"}
-        if lc.model == "arithmetic":
-            from flowrl.pipelines.arithmetic import load_arithmetic
+        if lc.model in ("arithmetic", "countdown"):  # the embedded models, shipped in the package
+            if lc.model == "arithmetic":
+                from flowrl.pipelines.arithmetic import load_arithmetic as load_embedded
+            else:
+                from flowrl.pipelines.countdown import load_countdown as load_embedded
 
-            self.pipe = load_arithmetic(lc.model_path, dtype=dtype, device=dev, lora=lora)
+            self.pipe = load_embedded(lc.model_path, dtype=dtype, device=dev, lora=lora)
         else:
             from flowrl.pipelines.causal_lm import load_causal_lm
 
