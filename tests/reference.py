@@ -29,6 +29,7 @@ def make_batch(
     invalid_mask_rows: bool = False,
     empty_row: bool = True,
     parts: tuple[str, ...] = ("acc", "fmt", "len"),
+    layout: str = "holes",
 ) -> TrajectoryBatch:
     """A random batch whose groups have the given sizes, shuffled, with every optional field set.
 
@@ -36,6 +37,8 @@ def make_batch(
     all-equal and mixed groups all occur. Masks are ragged prefixes with holes (tool observations);
     with ``empty_row`` one valid sample has no valid action at all. ``invalid_frac`` of the samples get
     ``sample_valid`` False and a NaN outcome; their mask rows are cleared unless ``invalid_mask_rows``.
+    ``layout``: "holes" (the default above), "runs" (right-padded prefixes, no holes) or "left" (left-padded
+    suffixes, no holes): the core takes faster paths when no row has a hole.
     """
     ids = torch.randperm(10_000, generator=gen)[: len(sizes)] * 1_000_003 + 7  # large, sparse ids
     group, outcome, part_vals = [], [], {k: [] for k in parts}
@@ -66,6 +69,12 @@ def make_batch(
     pos = torch.arange(T)[None, :]
     mask = (pos < lengths[:, None]) & (torch.rand(B, T, generator=gen) > 0.15)
     mask[:, 0] = True  # every row starts with an action ...
+    if layout == "runs":
+        mask = pos < lengths[:, None]
+    elif layout == "left":
+        mask = pos >= T - lengths[:, None]
+    elif layout != "holes":
+        raise ValueError(f"layout={layout!r}; valid: 'holes', 'runs', 'left'")
     if empty_row:
         mask[B // 2] = False  # ... except one valid sample that has none
     step = (pos * S // T).expand(B, T).clone()

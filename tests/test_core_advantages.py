@@ -36,6 +36,9 @@ BATCHES = {
     "big_groups": dict(sizes=(16, 1, 9, 2, 16, 3, 1, 12), T=23, S=5),
     "invalid": dict(invalid_frac=0.2),
     "invalid_rows_kept": dict(invalid_frac=0.2, invalid_mask_rows=True),
+    # no holes: the matrix-product scan (returns, GAE); T = 70 spans several 32-action chunks, not a multiple
+    "runs_long": dict(layout="runs", T=70, S=6),
+    "left_padded": dict(layout="left", T=37, S=5, invalid_frac=0.2),
 }
 
 

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from .batch import TrajectoryBatch, broadcast_to_actions, gather_steps
-from .groups import group_advantages, group_step_stats, masked_whiten, whiten_rows
+from .groups import group_advantages, group_step_stats, masked_whiten, whiten_rows, whiten_zeroed_
+from .masks import last_valid_index, mask_runs, run_layout, runs_layout, zero_off_mask_
 
 AdvantageFn = Callable[..., Tensor]
 ADVANTAGES: dict[str, AdvantageFn] = {}
@@ -80,7 +81,7 @@ def compute_advantages(name: str, batch: TrajectoryBatch, **params) -> Tensor:
     if tuple(adv.shape) != tuple(batch.mask.shape):
         raise ValueError(f"advantage estimator {name!r} returned shape {tuple(adv.shape)}; expected [B, T] = {tuple(batch.mask.shape)}")
     adv = adv.to(torch.float32)
-    adv = adv.masked_fill_(~batch.mask, 0.0) if adv.is_contiguous() else adv.masked_fill(~batch.mask, 0.0)
+    adv = zero_off_mask_(adv, batch.mask) if adv.is_contiguous() else torch.where(batch.mask, adv, 0.0)
     lo, hi = adv.aminmax()  # NaN propagates: one pass, no [B, T] temporaries (isfinite builds two)
     if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
         raise ValueError(f"advantage estimator {name!r} produced NaN or inf; check its inputs (rewards, values, log-probs)")
@@ -90,35 +91,49 @@ def compute_advantages(name: str, batch: TrajectoryBatch, **params) -> Tensor:
 # ----------------------------------------------------------------------------- token-level helpers
 def last_action_index(mask: Tensor) -> Tensor:
     """Index of the last True action of each row: long [B] (0 for a row with none)."""
-    T = mask.shape[1]
-    pos = torch.arange(T, device=mask.device).expand_as(mask)
-    return torch.where(mask, pos, torch.zeros((), dtype=pos.dtype, device=mask.device)).amax(dim=1)
+    return last_valid_index(mask).clamp_min(0)
 
 
 def outcome_at_end(outcome: Tensor, mask: Tensor) -> Tensor:
     """float [B, T]: ``outcome`` [B] on each row's last valid action, 0 elsewhere (and on empty rows)."""
     out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    has = mask.any(dim=1)
-    out.scatter_(1, last_action_index(mask)[:, None], torch.where(has, outcome.to(torch.float32), 0.0)[:, None])
-    return out
+    return add_outcome_at_end_(out, outcome, mask)
 
 
-def masked_discounted_scan(x: Tensor, mask: Tensor, c: float, *, chunk: int = 32) -> Tensor:
+def add_outcome_at_end_(rewards: Tensor, outcome: Tensor, mask: Tensor) -> Tensor:
+    """rewards[b, last valid action of b] += outcome[b], in place (rows without actions unchanged)."""
+    last = last_valid_index(mask)
+    r = torch.where(last >= 0, outcome.to(torch.float32), torch.zeros((), device=mask.device))
+    return rewards.scatter_add_(1, last.clamp_min(0)[:, None], r[:, None])
+
+
+def masked_discounted_scan(x: Tensor, mask: Tensor, c: float, *, chunk: int = 32, overwrite: bool = False) -> Tensor:
     """y_t = x_t + c * y_{next valid action after t} on valid actions (0 elsewhere), vectorised over T.
 
     Equivalently y_t = sum_{s >= t, mask_s} c^{k(s) - k(t)} x_s with k the rank of an action among its row's
     valid ones: masked actions (padding, tool observations) neither earn nor discount. x, mask: [B, T].
+    When every row's valid actions are one run (no holes: the usual case), k(s) - k(t) = s - t and the sum is
+    ``discounted_suffix_sum`` of the masked x (two matrix products, no chunk loop). Otherwise:
     T is cut into chunks of ``chunk`` actions; inside a chunk y = c^{-k} * reverse-cumsum(c^{k} x) (all chunks at
     once), and one carry per chunk runs back over the chunks (a loop over T / chunk chunks, not over samples).
     The in-chunk factors c^{-k} stay finite in float32 for c >= 1/16 at chunk 32; a smaller c (rare: it makes
     the return almost myopic) takes the exact recurrence over T instead. In-place arithmetic keeps the number
-    of [B, T] temporaries small (this runs on the whole batch).
+    of [B, T] temporaries small (this runs on the whole batch). ``overwrite=True`` lets it zero a contiguous
+    float32 ``x`` off the mask in place instead of copying it.
     """
     B, T = mask.shape
+    zero = torch.zeros((), device=x.device)
+    if c == 0.0:
+        return torch.where(mask, x.to(torch.float32), zero)
+    no_holes, right_aligned = run_layout(mask)
+    if no_holes:  # the usual case: each row's valid actions are one run, so no rank is needed
+        own = overwrite and x.dtype == torch.float32 and x.is_contiguous()
+        xf = zero_off_mask_(x, mask) if own else torch.where(mask, x.to(torch.float32), zero)
+        y = discounted_suffix_sum(xf, c)
+        # after a row's last action y is a sum of zeros; only left padding can hold a carry
+        return y if right_aligned else zero_off_mask_(y, mask)
     notm = ~mask
     xf = x.to(torch.float32).masked_fill(notm, 0.0)
-    if c == 0.0:
-        return xf
     if c < 1.0 / 16:
         return _scan_loop(xf, mask, c)
     L = chunk
@@ -159,6 +174,39 @@ def masked_discounted_scan(x: Tensor, mask: Tensor, c: float, *, chunk: int = 32
     return y[:, :T] if pad else y
 
 
+def discounted_suffix_sum(x: Tensor, c: float, *, scale: float = 1.0, chunk: int = 32) -> Tensor:
+    """y_t = scale * sum_{s >= t} c^{s - t} x_s along the last dim of a float32 [B, T], as two matrix products.
+
+    T is cut into chunks of L = ``chunk``. Inside each chunk, local = x_chunk @ M with the L x L matrix
+    M[s, t] = c^{s - t} for s >= t (0 above); the value at each chunk's start then collects the later chunks'
+    starts, start = local[:, :, 0] @ C with C[k, j] = (c^L)^{k - j} for k >= j (n x n, n = T / L); and
+    y = local + c^{L - i} * start of the next chunk, for position i of a chunk. No division and no running
+    product, so any c in [0, 1] is exact to float32 rounding (powers that underflow are negligible terms).
+    Cost: one [B, T] x [L, L] product (BLAS), one in-place pass, a [B, T / L] x [n, n] product. Runs in
+    float32 outside autocast (a bf16 product would lose the sum's precision; TF32, when a user enables it on
+    CUDA, rounds to about 1e-3). Returns a new float32 [B, T].
+    """
+    B, T = x.shape
+    L = max(1, min(chunk, T))
+    pad = (-T) % L
+    xf = torch.nn.functional.pad(x, (0, pad)) if pad else x
+    n = (T + pad) // L
+    dev = x.device
+    i = torch.arange(L, device=dev, dtype=torch.float64)
+    d = i[:, None] - i[None, :]
+    M = torch.where(d >= 0, torch.tensor(c, dtype=torch.float64, device=dev) ** d.clamp_min(0), 0.0)
+    k = torch.arange(n, device=dev, dtype=torch.float64)
+    dk = k[:, None] - k[None, :]
+    C = torch.where(dk >= 0, torch.tensor(c, dtype=torch.float64, device=dev) ** (L * dk.clamp_min(0)), 0.0)
+    w = torch.tensor(c, dtype=torch.float64, device=dev) ** (L - i)  # from position i to the next chunk's start
+    with torch.autocast(device_type=dev.type, enabled=False):
+        local = (xf.reshape(B * n, L) @ (scale * M).to(torch.float32)).view(B, n, L)
+        start = local[:, :, 0] @ C.to(torch.float32)  # [B, n]: y at each chunk's first position
+    nxt = torch.nn.functional.pad(start[:, 1:], (0, 1))  # y at the next chunk's start (0 after the last)
+    y = local.addcmul_(nxt[:, :, None], w.to(torch.float32)[None, None, :]).view(B, n * L)
+    return y[:, :T] if pad else y
+
+
 def _rev_cumsum_(x: Tensor) -> Tensor:
     """Reverse cumulative sum over the last dim, sum_{s >= t} x_s, accumulated from the end (total minus a
     prefix sum would cancel catastrophically when the tail is small, as with decaying weights)."""
@@ -191,7 +239,7 @@ def kl_penalty_rewards(batch: TrajectoryBatch, kl_coef: float) -> Tensor:
         return torch.zeros(batch.mask.shape, device=batch.device)
     if batch.ref_logp is None:
         raise ValueError(f"kl_coef={kl_coef} needs batch.ref_logp (reference log-probs), which is not set")
-    return -kl_coef * (batch.old_logp.to(torch.float32) - batch.ref_logp.to(torch.float32))
+    return torch.sub(batch.ref_logp.to(torch.float32), batch.old_logp.to(torch.float32)).mul_(kl_coef)
 
 
 # ----------------------------------------------------------------------------- outcome estimators
@@ -250,9 +298,9 @@ def reinforce_pp(batch: TrajectoryBatch, *, kl_coef: float = 0.0, gamma: float =
         # its whitening over actions is exact in [B] (token-weighted), with one broadcast at the end
         r = torch.where(batch.valid, batch.outcome.to(torch.float32), 0.0)
         return broadcast_to_actions(whiten_rows(r, batch.mask.sum(dim=1), eps=eps), batch.mask)
-    rewards = outcome_at_end(batch.outcome, batch.mask) + kl_penalty_rewards(batch, kl_coef)
-    returns = discounted_returns(rewards, batch.mask, gamma)
-    return masked_whiten(returns, batch.mask, eps=eps)
+    rewards = add_outcome_at_end_(kl_penalty_rewards(batch, kl_coef), batch.outcome, batch.mask)
+    returns = masked_discounted_scan(rewards, batch.mask, gamma, overwrite=True)  # 0 off the mask
+    return whiten_zeroed_(returns, batch.mask, eps=eps)
 
 
 @register_advantage("reinforce_pp_baseline")
@@ -278,41 +326,67 @@ def gae(
     r_t = 1[t = last action] * r - kl_coef * (log pi_old - log pi_ref)_t;
     delta_t = r_t + gamma * V_{t+1} - V_t (V after the last action is 0);  A_t = delta_t + gamma * lam * A_{t+1}.
     Masked actions are skipped: V_{t+1} and A_{t+1} are those of the next *valid* action.
-    The recursion loops over T (time), not over samples. ``whiten`` normalises over the batch's valid actions.
+    Computed without a loop: delta in one pass, then A = sum_{s >= t} (gamma lam)^{s - t} delta_s by
+    ``discounted_suffix_sum`` (two matrix products); batches whose masks have holes take the chunked
+    ``masked_discounted_scan``. ``whiten`` normalises over the batch's valid actions (in place).
     Returns float [B, T]; ``gae_advantages_and_returns`` also gives the critic targets A + V.
     """
-    adv, _ = gae_advantages_and_returns(batch, gamma=gamma, lam=lam, kl_coef=kl_coef)
-    return masked_whiten(adv, batch.mask) if whiten else adv
+    adv = _gae_advantages(batch, gamma=gamma, lam=lam, kl_coef=kl_coef)
+    return whiten_zeroed_(adv, batch.mask) if whiten else adv
 
 
 def gae_advantages_and_returns(
     batch: TrajectoryBatch, *, gamma: float = 1.0, lam: float = 0.95, kl_coef: float = 0.0
 ) -> tuple[Tensor, Tensor]:
     """Un-whitened GAE advantages and returns (A + V), each float [B, T], 0 off the mask."""
+    adv = _gae_advantages(batch, gamma=gamma, lam=lam, kl_coef=kl_coef)
+    values = batch.value.to(torch.float32)
+    return adv, torch.where(batch.mask, adv + values, torch.zeros((), device=adv.device))
+
+
+def _gae_advantages(batch: TrajectoryBatch, *, gamma: float, lam: float, kl_coef: float) -> Tensor:
+    """Un-whitened GAE advantages float [B, T], 0 off the mask (see ``gae``)."""
     if batch.value is None:
         raise ValueError("GAE needs batch.value (critic values), which is not set")
     mask = batch.mask
+    counts, first, last = mask_runs(mask)
+    no_holes, right_aligned = runs_layout(counts, first, last)
+    if not no_holes:
+        return _gae_with_holes(batch, gamma=gamma, lam=lam, kl_coef=kl_coef)
+    # Each row's valid actions are one run: the next valid action after t < last is t + 1, and V after the
+    # last is 0. Build -delta_t = V_t - gamma V_{t+1} - r_t in one pass (the sign goes into the scan's matrix).
+    B, T = mask.shape
+    V = batch.value.to(torch.float32)
+    neg = torch.empty((B, T), dtype=torch.float32, device=mask.device)
+    torch.sub(V[:, :-1], V[:, 1:], alpha=gamma, out=neg[:, :-1])
+    neg[:, -1] = V[:, -1]
+    li = last.clamp_min(0)[:, None]
+    r = torch.where(last >= 0, batch.outcome.to(torch.float32), 0.0)
+    neg.scatter_(1, li, V.gather(1, li) - r[:, None])  # at the last action: V_t - r (no V after it)
+    if kl_coef != 0.0:
+        neg.sub_(kl_penalty_rewards(batch, kl_coef))
+    zero_off_mask_(neg, mask)
+    adv = discounted_suffix_sum(neg, gamma * lam, scale=-1.0)
+    return adv if right_aligned else zero_off_mask_(adv, mask)  # only left padding can hold a carry
+
+
+def _gae_with_holes(batch: TrajectoryBatch, *, gamma: float, lam: float, kl_coef: float) -> Tensor:
+    """GAE when some row's valid actions are interrupted (tool observations): V_{t+1} and A_{t+1} are those of
+    the next *valid* action, found by a reverse running minimum of positions; the scan skips the holes."""
+    mask = batch.mask
     B, T = mask.shape
     values = batch.value.to(torch.float32).masked_fill(~mask, 0.0)
-    # V of the next valid action after t (0 after the last). Rows without holes (the usual case) just shift;
-    # otherwise the first valid action at or after t + 1 comes from a reverse running minimum of positions.
     n_valid = mask.sum(dim=1)
     last = last_action_index(mask)
-    first = mask.to(torch.uint8).argmax(dim=1)
-    if bool((n_valid == 0).logical_or(last - first + 1 == n_valid).all()):
-        delta = torch.nn.functional.pad(values[:, 1:], (0, 1))
-    else:
-        pos = torch.where(mask, torch.arange(T, device=mask.device), T)
-        at_or_after = pos.flip(1).cummin(1).values.flip(1)
-        nxt = torch.nn.functional.pad(at_or_after[:, 1:], (0, 1), value=T)
-        delta = torch.nn.functional.pad(values, (0, 1)).gather(1, nxt)
-    # delta_t = r_t + gamma V_next - V_t, in place
-    delta.mul_(gamma).sub_(values)
+    pos = torch.where(mask, torch.arange(T, device=mask.device), T)
+    at_or_after = pos.flip(1).cummin(1).values.flip(1)
+    nxt = torch.nn.functional.pad(at_or_after[:, 1:], (0, 1), value=T)
+    delta = torch.nn.functional.pad(values, (0, 1)).gather(1, nxt)
+    delta.mul_(gamma).sub_(values)  # delta_t = r_t + gamma V_next - V_t, in place
     delta.scatter_add_(1, last[:, None], torch.where(n_valid > 0, batch.outcome.to(torch.float32), 0.0)[:, None])
     if kl_coef != 0.0:
         delta.add_(kl_penalty_rewards(batch, kl_coef))
-    adv = masked_discounted_scan(delta, mask, gamma * lam)
-    return adv, (adv + values).masked_fill_(~mask, 0.0)
+    return masked_discounted_scan(delta, mask, gamma * lam)
 
 
 @register_advantage("stepwise_grpo", requires=("step_reward",))

@@ -158,6 +158,7 @@ class TrajectoryBatch:
         # step indices must address step_reward / node.
         # fast path: one pass over step with no [B, T] temporaries; the masked check only when it fails
         lo, hi = self.step.aminmax()
+        step_range = (lo, hi)  # kept: gather_steps needs it on every estimator call
         if S is not None:
             if not (bool(lo >= 0) and bool(hi < S)) and bool((self.mask & ((self.step < 0) | (self.step >= S))).any()):
                 raise ValueError(f"TrajectoryBatch.step has values outside [0, S={S}) on valid actions")
@@ -183,9 +184,19 @@ class TrajectoryBatch:
                 self, sample_valid=valid, mask=self.mask & valid[:, None], num_masked=int((~valid).sum())
             )
             out._validated = out._fingerprint()
+            out._step_range = step_range
             return out
         self._validated = self._fingerprint()
+        self._step_range = step_range
         return self
+
+    def step_range(self) -> tuple[Tensor, Tensor]:
+        """(min, max) of ``step`` over all actions, padding included: long scalar tensors. Remembered by
+        ``validate`` (which computes it anyway), so the estimators that map steps to actions do not pay a pass
+        over ``step`` each; recomputed when the batch is not validated or was modified since."""
+        if self.is_validated() and getattr(self, "_step_range", None) is not None:
+            return self._step_range
+        return self.step.aminmax()
 
     # ------------------------------------------------------------- transforms
     def _map(self, fn) -> "TrajectoryBatch":
@@ -255,13 +266,18 @@ def broadcast_to_actions(adv: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, adv[:, None].to(torch.float32), torch.zeros((), dtype=torch.float32, device=mask.device))
 
 
-def gather_steps(per_step: Tensor, step: Tensor, mask: Tensor) -> Tensor:
+def gather_steps(per_step: Tensor, step: Tensor, mask: Tensor, *,
+                 step_range: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
     """Map per-step values float [B, S] to actions via ``step`` long [B, T]: float [B, T], 0 off ``mask``.
 
-    NaN per-step values (a step without a reward) also give 0 on its actions.
+    NaN per-step values (a step without a reward) also give 0 on its actions. ``step_range`` = (min, max) of
+    ``step`` (``TrajectoryBatch.step_range()``, remembered by ``validate``) saves a pass over ``step``; padding
+    may hold any index, so ``step`` is clamped (a [B, T] copy) only when that range leaves [0, S).
+    Cost: one gather and one in-place ``where`` over [B, T].
     """
     S = per_step.shape[1]
     per = torch.nan_to_num(per_step.to(torch.float32), nan=0.0)  # [B, S]: small
-    lo, hi = step.aminmax()  # padding may hold any index; clamp (a [B, T] copy) only when it must
+    lo, hi = step.aminmax() if step_range is None else step_range
     idx = step if bool((lo >= 0) & (hi < S)) else step.clamp(0, max(S - 1, 0))
-    return torch.gather(per, 1, idx.long()).masked_fill_(~mask, 0.0)
+    out = torch.gather(per, 1, idx.long())
+    return torch.where(mask, out, torch.zeros((), dtype=out.dtype, device=out.device), out=out)

@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from .masks import row_counts
+
 
 BASELINES = ("mean", "loo")
 SCALES = ("group", "batch", "none")
@@ -247,21 +249,35 @@ def _local_group_step_stats(values: Tensor, group: Tensor, ok: Tensor):
     return (s.count[seg].view(shape), s.mean[seg].view(shape), s.std[seg].view(shape), (s.max <= s.min)[seg].view(shape))
 
 
-def masked_whiten(values: Tensor, mask: Tensor, *, eps: float = 1e-8, distributed: Optional[bool] = None) -> Tensor:
+def masked_whiten(values: Tensor, mask: Tensor, *, eps: float = 1e-8, distributed: Optional[bool] = None,
+                  inplace: bool = False) -> Tensor:
     """(x - mean) / sqrt(var + eps) over the True entries of ``mask`` (global batch when distributed).
 
-    Unbiased variance, as verl's ``masked_whiten`` and OpenRLHF's. values: float [B, T] (or [B]);
-    mask: bool of the same shape. Returns float32 of that shape, 0 where ``mask`` is False. One [B, T]
-    allocation (the output); the statistics are reductions over it.
+    Unbiased variance, as verl's ``masked_whiten`` and OpenRLHF's; two passes (mean, then squared deviations),
+    so a large mean costs no accuracy. values: float [B, T] (or [B]); mask: bool of the same shape. Returns
+    float32 of that shape, 0 where ``mask`` is False. At most one [B, T] allocation (the output; none with
+    ``inplace=True`` on a contiguous float32 ``values``, which is then overwritten): ``where`` into the output,
+    two reductions, and three in-place passes.
     """
-    notm = ~mask
-    out = values.to(torch.float32).masked_fill(notm, 0.0)
-    stats = torch.stack([mask.sum().to(torch.float32), out.sum()])
+    zero = torch.zeros((), dtype=torch.float32, device=mask.device)
+    if inplace and values.dtype == torch.float32 and values.is_contiguous():
+        out = torch.where(mask, values, zero, out=values)
+    else:
+        out = torch.where(mask, values.to(torch.float32), zero)
+    return whiten_zeroed_(out, mask, eps=eps, distributed=distributed)
+
+
+def whiten_zeroed_(out: Tensor, mask: Tensor, *, eps: float = 1e-8, distributed: Optional[bool] = None) -> Tensor:
+    """``masked_whiten`` in place of a contiguous float32 ``out`` that is already 0 where ``mask`` is False
+    (e.g. an estimator's own return buffer): two reductions and three in-place passes. Returns ``out``."""
+    zero = torch.zeros((), dtype=torch.float32, device=mask.device)
+    n = (row_counts(mask) if mask.dim() == 2 else mask.sum()).sum().to(torch.float32)
+    stats = torch.stack([n, out.sum()])
     if use_distributed(distributed):
         stats = all_reduce_sum(stats)
     n = stats[0]
     mean = stats[1] / n.clamp_min(1)
-    out.sub_(mean).masked_fill_(notm, 0.0)
+    torch.where(mask, out.sub_(mean), zero, out=out)
     flat = out.reshape(-1)
     ss = torch.dot(flat, flat)
     if use_distributed(distributed):
