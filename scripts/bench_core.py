@@ -27,6 +27,7 @@ Usage:  python scripts/bench_core.py [--B 16384] [--T 1024] [--repeats 5] [--thr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ctypes
 import gc
 import importlib
@@ -48,6 +49,16 @@ from flowrl.core.losses import ppo_clip
 
 # Parameters for estimators that need some to run on the bench batch (none do today; keyed by name).
 BENCH_PARAMS: dict[str, dict] = {}
+# Settings that take another code path than the defaults, timed as well: (label, estimator, params, holes).
+# holes=True: the same batch with 10% of each row's actions masked inside it (tool observations), which sends
+# the token-level scans down their general (chunked) path.
+VARIANTS: list[tuple[str, str, dict, bool]] = [
+    ("reinforce_pp kl_coef=0.05", "reinforce_pp", {"kl_coef": 0.05}, False),
+    ("reinforce_pp gamma=0.99", "reinforce_pp", {"gamma": 0.99}, False),
+    ("gae gamma=0.99 lam=0.95", "gae", {"gamma": 0.99, "lam": 0.95}, False),
+    ("gae, mask with holes", "gae", {}, True),
+    ("reinforce_pp kl, holes", "reinforce_pp", {"kl_coef": 0.05}, True),
+]
 EST_LIMIT_S = 0.100  # every estimator under 100 ms
 TARGETS = {"stats_vs_loop": 50.0, "grpo_vs_loop": 5.0, "grpo_vs_floor": 3.0, "peak_vs_inputs": 3.0}
 
@@ -213,6 +224,8 @@ def run(args, threads: int, batch: TrajectoryBatch, mem_ok: bool) -> list[tuple[
     fill = Timing(lambda: buf.fill_(1.0), args.repeats)
     del buf
     stats = Timing(lambda: group_advantages(batch.outcome, batch.group), args.repeats)
+    # validate() runs once per rollout (the trainer's; compute_advantages re-validates only a changed batch)
+    validate = Timing(lambda: dataclasses.replace(batch).validate(), args.repeats)
     # the loop computes the same numbers as the vectorised grpo
     diff = (loop_grpo(batch.outcome, index, batch.mask) - compute_advantages("grpo", batch)).abs().max().item()
 
@@ -221,7 +234,8 @@ def run(args, threads: int, batch: TrajectoryBatch, mem_ok: bool) -> list[tuple[
     for what, tm in [("(a) loop, [B] scores (dict of groups)", loop_scores), ("(a) loop, with [B, T] output", loop_total),
                      ("(b) memory floor: torch.full float [B, T]", floor),
                      ("    (fill_ into an existing [B, T], for info)", fill),
-                     ("group statistics, [B] (group_advantages)", stats)]:
+                     ("group statistics, [B] (group_advantages)", stats),
+                     ("TrajectoryBatch.validate(), once per rollout", validate)]:
         print(f"  {what:<48}{ms(tm.cpu):>10}{ms(tm.wall):>10}")
     print(f"  loop vs vectorised grpo: max |difference| = {diff:.2e}")
 
@@ -234,27 +248,32 @@ def run(args, threads: int, batch: TrajectoryBatch, mem_ok: bool) -> list[tuple[
         hdr += f"{'peak MB':>9}{'/inputs':>8}{'[B,T]s':>7}"
     print(hdr + "\n" + f"  {'':<24}{'ms':>9}{'ms':>9}{basis + ' ms':>9}")
     grpo = None
-    for name in sorted(ADVANTAGES):
-        params = BENCH_PARAMS.get(name, {})
+    holed = None
+    rows = [(name, name, BENCH_PARAMS.get(name, {}), False) for name in sorted(ADVANTAGES)] + VARIANTS
+    for label, name, params, holes in rows:
         fn = ADVANTAGES[name]
+        if holes and holed is None:
+            gen = torch.Generator().manual_seed(2)
+            holed = dataclasses.replace(batch, mask=batch.mask & (torch.rand(B, T, generator=gen) > 0.1)).validate()
+        b = holed if holes else batch
         try:
-            checked = Timing(lambda: compute_advantages(name, batch, **params), args.repeats, mem=mem_ok)
-            raw = Timing(lambda: fn(batch, **params), args.repeats)
+            checked = Timing(lambda: compute_advantages(name, b, **params), args.repeats, mem=mem_ok)
+            raw = Timing(lambda: fn(b, **params), args.repeats)
         except Exception as e:
-            print(f"  {name:<24}ERROR {type(e).__name__}: {e}")
-            verdicts.append((f"{name} runs", False, f"{type(e).__name__}"))
+            print(f"  {label:<24}ERROR {type(e).__name__}: {e}")
+            verdicts.append((f"{label} runs", False, f"{type(e).__name__}"))
             continue
-        if name == "grpo":
+        if label == "grpo":
             grpo = (raw, checked)
         t = key(raw)
-        line = f"  {name:<24}{ms(raw.cpu)}{ms(raw.wall)}{ms(key(checked))}{t / key(floor):8.2f}x{key(loop_total) / t:8.1f}x"
+        line = f"  {label:<24}{ms(raw.cpu)}{ms(raw.wall)}{ms(key(checked))}{t / key(floor):8.2f}x{key(loop_total) / t:8.1f}x"
         if mem_ok:
             peak = checked.peak
             line += f"{peak / 2**20:9.0f}{peak / inputs:8.2f}{peak / bt_bytes:7.2f}"
-            verdicts.append((f"{name}: peak extra memory < 3x inputs", peak < TARGETS["peak_vs_inputs"] * inputs,
+            verdicts.append((f"{label}: peak extra memory < 3x inputs", peak < TARGETS["peak_vs_inputs"] * inputs,
                              f"{peak / inputs:.2f}x"))
         print(line)
-        verdicts.append((f"{name}: under 100 ms (fn; checked in brackets)", t < EST_LIMIT_S,
+        verdicts.append((f"{label}: under 100 ms (fn; checked in brackets)", t < EST_LIMIT_S,
                          f"{t * 1e3:.0f} ms ({key(checked) * 1e3:.0f} ms)"))
 
     # ppo_clip forward + backward
