@@ -9,7 +9,6 @@ rewards on actions. Rewards "at the end" sit on the last valid action of a traje
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import math
 from typing import Callable
@@ -73,7 +72,7 @@ def compute_advantages(name: str, batch: TrajectoryBatch, **params) -> Tensor:
     if not batch.is_validated():  # the trainer validates once per rollout; do not pay for it twice
         batch = batch.validate()
     if batch.sample_valid is not None:  # an invalid sample has no actions: it takes part in no statistic
-        batch = dataclasses.replace(batch, mask=batch.mask & batch.sample_valid[:, None])
+        batch = batch.with_mask(batch.mask & batch.sample_valid[:, None])
     for field in _REQUIRES[name]:
         if getattr(batch, field) is None or (field == "outcome_parts" and not batch.outcome_parts):
             raise ValueError(f"advantage estimator {name!r} needs batch.{field}, which is not set")

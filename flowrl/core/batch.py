@@ -190,6 +190,15 @@ class TrajectoryBatch:
         self._step_range = step_range
         return self
 
+    def with_mask(self, mask: Tensor) -> "TrajectoryBatch":
+        """This batch with fewer valid actions (``mask`` must not add any): still validated when this one was,
+        with the same step range, so estimators do not re-check it."""
+        out = dataclasses.replace(self, mask=mask)
+        if self.is_validated():
+            out._validated = out._fingerprint()
+            out._step_range = getattr(self, "_step_range", None)
+        return out
+
     def step_range(self) -> tuple[Tensor, Tensor]:
         """(min, max) of ``step`` over all actions, padding included: long scalar tensors. Remembered by
         ``validate`` (which computes it anyway), so the estimators that map steps to actions do not pay a pass
