@@ -83,7 +83,9 @@ class CriticConfig:
     adv_clip: float = field(2.0, help="clip A = G - V to [-c, c]")
     temperature: float = field(1.0, help="tau in the weight w = exp(A / tau), normalised to mean 1 over the batch")
     w2_alpha: float = field(1.0, help="alpha of the Wasserstein-2 regulariser alpha * ||v - v_ref||^2")
-    fm_samples: int = field(2, help="noise levels drawn per sample for the weighted flow-matching loss")
+    fm_samples: int = field(2, help="noise draws (sigma, eps) per sample for the weighted flow-matching loss, in every update pass")
+    weighting: Literal["exp", "positive"] = field("exp", help="w from A: exp = exp(A / tau) (ORW-CFM-W2); positive = max(A, 0); both normalised to mean 1 over the batch")
+    fm_sigma: list[float] = field(default_factory=lambda: [0.0, 1.0], help="[lo, hi]: the flow-matching loss's noise levels sigma ~ U(lo, hi)")
 
 
 @dataclass

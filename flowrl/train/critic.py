@@ -9,6 +9,7 @@ concatenated and read out by an MLP with LayerNorm. Output float [B].
 from __future__ import annotations
 
 import math
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -41,3 +42,32 @@ class FlowCritic(nn.Module):
             if v.dim() == 2 and v.is_floating_point() and not k.startswith("negative_"):
                 feats.append(v.float())
         return self.head(torch.cat(feats, dim=1)).squeeze(1)
+
+
+WEIGHTINGS = ("exp", "positive")
+
+
+def advantage_weights(a: Tensor, valid: Tensor, *, weighting: str, temperature: float = 1.0,
+                      reduce: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+    """AC-Flow's weight of each sample's flow-matching loss from its advantage, normalised to mean 1.
+
+    exp (ORW-CFM-W2, Fan et al., 2025: w proportional to exp(tau r)):  e_b = exp(a_b / temperature)
+    positive (the positive part: only samples better than expected are fitted):  e_b = max(a_b, 0)
+    w_b = e_b / ((sum_{valid} e) / n_valid), and w_b = 0 where ``valid`` is False. If every e_b of the valid
+    samples is 0 (positive weighting, no a_b > 0) then w = 0 everywhere (only the W2 term acts).
+    ``reduce`` (e.g. an all-reduce over ranks) is applied to the float [2] tensor (sum e, n_valid) so the mean is
+    global. a float [B]; valid bool [B]. Returns float [B].
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"AC-Flow weighting {weighting!r} is unknown; valid: {WEIGHTINGS}")
+    if a.dim() != 1 or valid.shape != a.shape or valid.dtype != torch.bool:
+        raise ValueError(f"advantage_weights: a must be float [B] and valid bool [B]; got {tuple(a.shape)} and "
+                         f"{tuple(valid.shape)} {valid.dtype}")
+    if weighting == "exp" and not temperature > 0:
+        raise ValueError(f"advantage_weights: temperature must be > 0 for exp weighting; got {temperature}")
+    raw = torch.exp(a.float() / temperature) if weighting == "exp" else a.float().clamp_min(0)
+    e = torch.where(valid, raw, torch.zeros_like(raw))
+    tot = torch.stack([e.sum(), valid.float().sum()])
+    if reduce is not None:
+        tot = reduce(tot)
+    return e / (tot[0] / tot[1].clamp_min(1)).clamp_min(1e-12)
