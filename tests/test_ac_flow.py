@@ -69,7 +69,7 @@ def test_positive_weighting_run_with_several_passes_and_bad_sigma_range(tmp_path
     from flowrl.train.metrics_log import read_metrics
 
     model = build_tiny_sd3(tmp_path / "sd3")
-    base = [f"flow.model=sd3", f"flow.model_path={model}", "flow.prompts=[a red cube, a blue ball]",
+    base = ["flow.model=sd3", f"flow.model_path={model}", "flow.prompts=[a red cube, a blue ball]",
             "flow.rewards={jpeg_compressibility: {weight: 1.0}}", "iterations=2", "prompts_per_iter=2",
             "group_size=4", "flow.num_steps=3", "eval.every=2", "eval.num_per_prompt=2", "eval.grid_per_prompt=1",
             "progress=false", "trackers=[]", "algorithm=ac_flow", "flow.critic.warmup_iters=1",
