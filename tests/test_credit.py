@@ -540,6 +540,16 @@ def test_salt_without_shared_steps_is_plain_advantage(seed):
     assert_close(compute_advantages("salt", b, baseline="loo", scale="none"), compute_advantages("rloo", b).double())
 
 
+@pytest.mark.parametrize("name", ["tree_mc", "salt"])
+def test_node_ids_spanning_int64_give_the_same_advantages(name):
+    """Node ids are labels: any one-to-one relabelling gives the same advantages. Multiplying by an odd constant
+    (mod 2^64) spreads them over all of int64, which sends _dense_ids down its two-unique path."""
+    b = make_batch(torch.Generator().manual_seed(4))
+    wide = dataclasses.replace(b, node=b.node * 4611686018427387903 + 12345)
+    assert int(wide.node.max()) - int(wide.node.min()) > 2 ** 62
+    assert_close(compute_advantages(name, wide), compute_advantages(name, b).double(), atol=1e-6)
+
+
 def test_salt_hand_worked():
     # one group of 3; all share step 0 (node 7), two share step 1 (node 8), the third branches (node 9)
     b = TrajectoryBatch(

@@ -31,12 +31,13 @@ import torch
 from torch import Tensor
 
 from .advantages import discounted_returns, last_action_index, outcome_at_end, register_advantage
-from .batch import TrajectoryBatch
+from .batch import TrajectoryBatch, gather_steps
 from .groups import group_advantages, group_index, group_step_stats, masked_whiten, segment_stats
+from .masks import last_valid_index
 
 __all__ = [
     "turning_point_rewards", "tp_grpo", "step_returns", "prime", "implicit_prm_loss", "dual_level",
-    "tree_mc", "salt", "igpo", "spae", "empg", "step_token_counts",
+    "tree_mc", "salt", "igpo", "spae", "empg", "step_token_counts", "step_sums",
 ]
 
 
@@ -49,28 +50,17 @@ def _last_step(batch: TrajectoryBatch) -> Tensor:
     """L_i: the step index of the last valid action of each trajectory, long [B]; -1 when it has none.
 
     Steps are numbered in the order of the actions (non-decreasing along T), so this is also the
-    largest step index among the valid actions. One read of the mask (bool ops are the cheap path here).
+    largest step index among the valid actions. One read of the mask's bytes (``last_valid_index``).
     """
-    T = batch.mask.shape[1]
-    has, back = batch.mask.view(torch.uint8).flip(1).max(dim=1)
-    last_t = (T - 1 - back).clamp_min(0)
-    L = torch.gather(batch.step.long(), 1, last_t[:, None])[:, 0]
-    return torch.where(has > 0, L, torch.full_like(L, -1))
+    last_t = last_valid_index(batch.mask)
+    L = torch.gather(batch.step.long(), 1, last_t.clamp_min(0)[:, None])[:, 0]
+    return torch.where(last_t >= 0, L, torch.full_like(L, -1))
 
 
 def _to_actions(per_step: Tensor, batch: TrajectoryBatch) -> Tensor:
-    """Per-step values float [B, S] (finite) on the actions: float [B, T], 0 off ``batch.mask``.
-
-    ``gather_steps`` without its NaN handling, and without clamping ``step`` when it is already in
-    [0, S) everywhere (one read-only check): fewer passes over [B, T].
-    """
-    S = per_step.shape[1]
-    step = batch.step.long()
-    lo, hi = step.aminmax()
-    if bool(lo < 0) or bool(hi >= S):  # padding may hold any index; valid actions are checked by validate()
-        step = step.clamp(0, max(S - 1, 0))
-    out = torch.gather(per_step.to(torch.float32), 1, step)
-    return out.masked_fill_(~batch.mask, 0.0)
+    """Per-step values float [B, S] on the actions: float [B, T], 0 off ``batch.mask`` (``gather_steps`` with the
+    step range that ``validate`` remembered)."""
+    return gather_steps(per_step, batch.step, batch.mask, step_range=batch.step_range())
 
 
 def _present(batch: TrajectoryBatch, S: int) -> Tensor:
@@ -83,6 +73,31 @@ def step_token_counts(step: Tensor, mask: Tensor, S: int) -> Tensor:
     """Number of valid actions in each step: float [B, S] from ``step`` long [B, T] and ``mask`` bool [B, T]."""
     idx = step.long().clamp(0, max(S - 1, 0))
     return torch.zeros(mask.shape[0], S, device=mask.device).scatter_add_(1, idx, mask.to(torch.float32))
+
+
+def step_sums(step: Tensor, mask: Tensor, values: Tensor, S: int, *, fused: Optional[bool] = None
+              ) -> tuple[Tensor, Tensor]:
+    """(count, total) float [B, S] each: the valid actions of each step and the sum of ``values`` over them.
+
+    step: long [B, T] already in [0, S); mask: bool [B, T]; values: float [B, T]. ``fused`` (default: on CPU)
+    accumulates both in one ``scatter_add_`` of complex numbers, value + 1j on valid actions, since a CPU scatter
+    costs per index read (two float scatters read the int64 index twice); off, two float scatters.
+    """
+    B = mask.shape[0]
+    zero = torch.zeros((), device=mask.device)
+    if fused is None:
+        fused = mask.device.type == "cpu"
+    if fused:
+        pair = torch.empty(mask.shape + (2,), dtype=torch.float32, device=mask.device)
+        torch.where(mask, values.to(torch.float32), zero, out=pair[..., 0])
+        pair[..., 1].copy_(mask)
+        acc = torch.zeros(B, S, dtype=torch.complex64, device=mask.device)
+        acc.scatter_add_(1, step, torch.view_as_complex(pair))
+        return acc.imag.contiguous(), acc.real.contiguous()
+    mf = mask.to(torch.float32)
+    cnt = torch.zeros(B, S, device=mask.device).scatter_add_(1, step, mf)
+    tot = torch.zeros(B, S, device=mask.device).scatter_add_(1, step, torch.where(mask, values.to(torch.float32), zero))
+    return cnt, tot
 
 
 def _require_steps(batch: TrajectoryBatch, name: str) -> Tensor:
@@ -151,14 +166,31 @@ def _norm_group_pooled(values: Tensor, group: Tensor, ok: Tensor, eps: float, we
 
 
 def _dense_ids(group: Tensor, node: Tensor) -> tuple[Tensor, int]:
-    """Dense ids long [B, S] in [0, K) of the (group, node) pairs: node ids only merge inside a group."""
-    ginv, _ = group_index(group)
-    _, ninv = torch.unique(node, return_inverse=True)
-    U = int(ninv.max()) + 1 if ninv.numel() else 1
-    key = ginv[:, None] * U + ninv
+    """Dense ids long [B, S] in [0, K) of the (group, node) pairs: node ids only merge inside a group.
+
+    One ``unique`` of the packed key group_index * span + (node - min node) when that fits in int64 (node ids
+    spanning less than 2^62 / G), else two (the node ids made dense first)."""
+    ginv, G = group_index(group)
+    lo, hi = node.aminmax()
+    span = hi - lo + 1  # wraps negative for ids spanning all of int64: then the two-step path
+    if bool((span > 0) & (span <= (2 ** 62) // max(G, 1))):
+        key = ginv[:, None] * span + (node - lo)
+    else:
+        _, ninv = torch.unique(node, return_inverse=True)
+        U = int(ninv.max()) + 1 if ninv.numel() else 1
+        key = ginv[:, None] * U + ninv
     _, kid = torch.unique(key, return_inverse=True)
     K = int(kid.max()) + 1 if kid.numel() else 0
     return kid, K
+
+
+def _segment_mean(values: Tensor, seg: Tensor, K: int, valid: Tensor) -> Tensor:
+    """Mean of ``values`` float [N] over the ``valid`` members of each segment ``seg`` long [N] in [0, K): float [K]
+    (0 for a segment without one). ``segment_stats`` without the spread, min and max that tree_mc / salt ignore."""
+    zero = torch.zeros((), dtype=torch.float32, device=values.device)
+    cnt = torch.zeros(K, device=values.device).index_add_(0, seg, valid.to(torch.float32))
+    tot = torch.zeros(K, device=values.device).index_add_(0, seg, torch.where(valid, values.to(torch.float32), zero))
+    return tot / cnt.clamp_min(1)
 
 
 def _require_node(batch: TrajectoryBatch, name: str) -> Tensor:
@@ -493,7 +525,7 @@ def tree_mc(batch: TrajectoryBatch, *, cumulative: bool = False, scale: str = "n
     r = torch.where(batch.valid, batch.outcome.to(torch.float32), zero)
     kid, K = _dense_ids(batch.group, node)
     vals = r[:, None].expand(-1, S).reshape(-1)
-    V = segment_stats(vals, kid.reshape(-1), max(K, 1), present.reshape(-1)).mean[kid]  # [B, S]
+    V = _segment_mean(vals, kid.reshape(-1), max(K, 1), present.reshape(-1))[kid]  # [B, S]
     inv, G = group_index(batch.group)
     gs = segment_stats(r, inv, G, batch.valid & present.any(dim=1))
     root = gs.mean[inv]
@@ -527,7 +559,7 @@ def salt(batch: TrajectoryBatch, *, baseline: str = "mean", scale: str = "group"
     a = group_advantages(batch.outcome, batch.group, baseline=baseline, scale=scale, eps=eps, valid=batch.valid)
     kid, K = _dense_ids(batch.group, node)
     vals = a[:, None].expand(-1, S).reshape(-1)
-    A = segment_stats(vals, kid.reshape(-1), max(K, 1), present.reshape(-1)).mean[kid]
+    A = _segment_mean(vals, kid.reshape(-1), max(K, 1), present.reshape(-1))[kid]
     A = torch.where(present, A, _zero(batch.device))
     return _to_actions(A, batch)
 
@@ -621,12 +653,10 @@ def empg(
     S = max(batch.num_steps, 1)
     zero = _zero(batch.device)
     step = batch.step.long()
-    lo_s, hi_s = step.aminmax()
+    lo_s, hi_s = batch.step_range()
     if bool(lo_s < 0) or bool(hi_s >= S):
         step = step.clamp(0, S - 1)
-    mf = mask.to(torch.float32)
-    cnt = torch.zeros(mask.shape[0], S, device=batch.device).scatter_add_(1, step, mf)
-    tot = torch.zeros(mask.shape[0], S, device=batch.device).scatter_add_(1, step, mf.mul_(batch.entropy.to(torch.float32)))
+    cnt, tot = step_sums(step, mask, batch.entropy, S)
     has = (cnt > 0) & batch.valid[:, None]
     H = tot / cnt.clamp_min(1)
     inf = torch.tensor(float("inf"), device=batch.device)
