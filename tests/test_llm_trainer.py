@@ -118,16 +118,20 @@ def test_grpo_raises_greedy_heldout_accuracy(tmp_path):
 
 @pytest.mark.slow
 def test_dual_level_step_rewards_fix_steps_faster_than_outcome_only(tmp_path):
-    """Same seed, 30 iterations each: the share of sampled completions with every step right is higher with the
-    verifier's step rewards (configs/arith/dual_level.yaml) than with the outcome only (grpo.yaml).
-    Measured: 0.394 vs 0.297 (+9.7 points) over the 30 iterations. The issue asks for +20 points; that is not met
-    (see the config's comment), so this asserts the margin that is: >= 5 points."""
-    common = ["iterations=30", "eval.every=1000", "llm.eval_size=10"]
+    """The issue's target: from the same seed, over the first 30 iterations, the share of sampled completions with
+    every step right is at least 20 points higher with the verifier's step rewards (configs/arith/dual_level.yaml)
+    than with the outcome only (grpo.yaml). Measured: +21.9 / +22.6 / +19.0 points on seeds 0 / 1 / 2 (0.516 vs
+    0.297 on seed 0, the one run here); asserted with a margin: >= 15 points. Greedy held-out accuracy must not
+    fall behind GRPO's (measured 0.860 vs 0.675 on 200 problems; 50 here, so a 5-point margin)."""
+    common = ["iterations=30", "eval.every=30", "llm.eval_size=50"]
     _run(ROOT / "configs/arith/grpo.yaml", tmp_path / "o", *common)
     _run(ROOT / "configs/arith/dual_level.yaml", tmp_path / "p", *common)
     mean = lambda out: sum(r["all_steps_correct"] for r in train_rows(out)) / len(train_rows(out))
     o, p = mean(tmp_path / "o"), mean(tmp_path / "p")
-    assert p - o >= 0.05, f"all-steps-correct share: outcome-only {o:.3f}, dual-level {p:.3f}"
+    assert len(train_rows(tmp_path / "o")) == len(train_rows(tmp_path / "p")) == 30
+    assert p - o >= 0.15, f"all-steps-correct share: outcome-only {o:.3f}, dual-level {p:.3f}"
+    acc = lambda out: [r for r in read_metrics(out) if r["split"] == "eval"][-1]["accuracy"]
+    assert acc(tmp_path / "p") >= acc(tmp_path / "o") - 0.05, (acc(tmp_path / "o"), acc(tmp_path / "p"))
 
 
 def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path):
