@@ -8,9 +8,11 @@ using each given number once. The model reads the compact prompt of
     completion  ``5*2+7``              (scored as is by reasoning-gym's own ``score_answer``: no tag needed)
 
 Its alphabet (``CHARS``, 19 characters) covers exactly these prompts and answers. The shipped weights
-(``countdown_weights/``) are built by ``python scripts/build_countdown.py`` (its docstring gives the model size,
-the task options ``TASK_OPTIONS``, the training run and the measured accuracy); the trainer loads them with
-``llm.model: countdown`` and ``llm.prompt_format: compact`` (``configs/countdown/tiny_grpo.yaml``).
+(``countdown_weights/``: 1,052,544 parameters, 4.2 MB) are built by ``python scripts/build_countdown.py`` on the
+task options ``TASK_OPTIONS`` (3 numbers in 1..10, target 1..100) with systematically noisy targets (a "buggy
+student" writes ``+`` for ``*``; its docstring gives the run), so that greedy decoding solves 25.5% of the
+trainer's 200 held-out puzzles: headroom for RL. The trainer loads them with ``llm.model: countdown`` and
+``llm.prompt_format: compact`` (``configs/countdown/tiny_grpo.yaml``).
 """
 from __future__ import annotations
 
