@@ -109,7 +109,7 @@ def train(args, eval_rows: list[dict]) -> float:
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
     model.save_pretrained(out)
-    save_tokenizer(tok, out)
+    save_tokenizer(cd.build_tokenizer(), out)  # a fresh one: the probes' padding calls leave state in ``tok``
     print(f"trained {args.steps} steps in {build_s:.1f} s; saved to {out}")
     return build_s
 
