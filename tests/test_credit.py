@@ -328,6 +328,39 @@ def test_prime(seed, granularity, gamma, batch_norm):
     assert_close(got, prime_ref(b, 0.05, 2.0, granularity, gamma, batch_norm, outcome_coef=0.5), atol=1e-4)
 
 
+@pytest.mark.parametrize("layout", ["right", "left"])
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_prime_token_on_masks_without_holes(layout, seed, batch_norm):
+    """The closed-form path for one run of valid actions per row (statistics from row sums), right- and left-padded,
+    with invalid samples, an empty row and T = 40, against the loop reference."""
+    gen = torch.Generator().manual_seed(seed)
+    b = make_batch(gen, T=40, S=5)
+    lengths = torch.randint(1, 41, (b.batch_size,), generator=gen)
+    lengths[b.batch_size // 2] = 0
+    pos = torch.arange(40)[None, :]
+    runs = pos < lengths[:, None] if layout == "right" else pos >= 40 - lengths[:, None]
+    if b.sample_valid is not None:
+        runs = runs & b.sample_valid[:, None]
+    b = dataclasses.replace(b, mask=runs)
+    for rm_coef, outcome_coef in ((5.0, 5.0), (2.0, 0.5)):
+        got = compute_advantages("prime", b, beta=0.05, rm_coef=rm_coef, outcome_coef=outcome_coef,
+                                 batch_norm=batch_norm)
+        assert_close(got, prime_ref(b, 0.05, rm_coef, "token", 1.0, batch_norm, outcome_coef=outcome_coef), atol=1e-4)
+
+
+def test_prime_token_runs_two_pass_fallback(monkeypatch):
+    """The guard against a one-pass variance lost to cancellation: forced on, the two-pass whitening of the
+    materialised returns gives the reference's numbers too."""
+    import flowrl.core.credit as credit
+
+    monkeypatch.setattr(credit, "_ONE_PASS_MIN_KEEP", 2.0)  # always "lost": always the fallback
+    b = make_batch(torch.Generator().manual_seed(2))
+    b = dataclasses.replace(b, mask=torch.ones_like(b.mask) & b.valid[:, None])
+    got = compute_advantages("prime", b, rm_coef=5.0, outcome_coef=5.0)
+    assert_close(got, prime_ref(b, 0.05, 5.0, "token", 1.0, False, outcome_coef=5.0), atol=1e-4)
+
+
 @pytest.mark.parametrize("granularity,gamma", [("token", 1.0), ("whole", 1.0), ("token", 0.9)])
 def test_prime_weighs_process_and_outcome_as_prime_does(granularity, gamma):
     """PRIME multiplies both sources by 5 (reward_dpo_coef = reward_gt_coef = 5): after whitening its defaults equal

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .batch import TrajectoryBatch, broadcast_to_actions, gather_steps
 from .groups import group_advantages, group_step_stats, masked_whiten, whiten_rows, whiten_zeroed_
-from .masks import last_valid_index, mask_runs, run_layout, runs_layout, zero_off_mask_
+from .masks import and_rows, last_valid_index, mask_runs, run_layout, runs_layout, zero_off_mask_
 
 AdvantageFn = Callable[..., Tensor]
 ADVANTAGES: dict[str, AdvantageFn] = {}
@@ -72,7 +72,7 @@ def compute_advantages(name: str, batch: TrajectoryBatch, **params) -> Tensor:
     if not batch.is_validated():  # the trainer validates once per rollout; do not pay for it twice
         batch = batch.validate()
     if batch.sample_valid is not None:  # an invalid sample has no actions: it takes part in no statistic
-        batch = batch.with_mask(batch.mask & batch.sample_valid[:, None])
+        batch = batch.with_mask(and_rows(batch.mask, batch.sample_valid))
     for field in _REQUIRES[name]:
         if getattr(batch, field) is None or (field == "outcome_parts" and not batch.outcome_parts):
             raise ValueError(f"advantage estimator {name!r} needs batch.{field}, which is not set")

@@ -32,8 +32,8 @@ from torch import Tensor
 
 from .advantages import discounted_returns, last_action_index, outcome_at_end, register_advantage
 from .batch import TrajectoryBatch, gather_steps
-from .groups import group_advantages, group_index, group_step_stats, masked_whiten, segment_stats
-from .masks import last_valid_index
+from .groups import group_advantages, group_index, group_step_stats, masked_whiten, segment_stats, whiten_zeroed_
+from .masks import and_rows, last_valid_index, mask_runs, row_counts, runs_layout
 
 __all__ = [
     "turning_point_rewards", "tp_grpo", "step_returns", "prime", "implicit_prm_loss", "dual_level",
@@ -316,14 +316,14 @@ def _rloo_dense(r: Tensor, pos: Tensor, group: Tensor, valid: Tensor) -> Tensor:
     (For a single position this is r_i - mean of the others: the RLOO baseline.)
     """
     zero = _zero(r.device)
-    n = pos.to(torch.float32).sum(dim=1)
+    n = row_counts(pos).to(torch.float32)
     m = torch.where(pos, r, zero).sum(dim=1) / n.clamp_min(1)
     inv, G = group_index(group)
     st = segment_stats(m, inv, G, valid & (n > 0))
     K = st.count[inv]
     Kc = (K - 1).clamp_min(1)
     out = r * (K / Kc)[:, None] - (st.sum[inv] / Kc)[:, None]
-    return torch.where(pos & (K > 1)[:, None] & valid[:, None], out, zero)
+    return torch.where(and_rows(pos, (K > 1) & valid), out, zero)
 
 
 @register_advantage("prime", requires=("ref_logp",))
@@ -383,7 +383,7 @@ def prime(
     ver = _rloo_dense(outcome_at_end(out, mask), last_pos,
                       batch.group, valid)
     returns = discounted_returns(rm, mask, gamma) + discounted_returns(ver, mask, gamma)
-    return masked_whiten(returns, mask & valid[:, None], eps=eps)
+    return masked_whiten(returns, and_rows(mask, valid), eps=eps)
 
 
 def _prime_token_undiscounted(batch: TrajectoryBatch, lp: Tensor, beta: float, rm_coef: float, outcome_coef: float,
@@ -397,7 +397,11 @@ def _prime_token_undiscounted(batch: TrajectoryBatch, lp: Tensor, beta: float, r
     """
     mask = batch.mask
     valid = batch.valid
-    mf = (mask & valid[:, None]).to(torch.float32)
+    mv = mask if batch.sample_valid is None else and_rows(mask, valid)
+    counts, first, last = mask_runs(mv)
+    if runs_layout(counts, first, last)[0]:
+        return _prime_token_runs(batch, lp, mv, counts, last, beta, rm_coef, outcome_coef, batch_norm, eps)
+    mf = mv.to(torch.float32)
     d = (lp.to(torch.float32) - batch.ref_logp.to(torch.float32)).mul_(mf)
     n = mf.sum(dim=1)
     dsum = d.sum(dim=1)
@@ -426,6 +430,76 @@ def _prime_token_undiscounted(batch: TrajectoryBatch, lp: Tensor, beta: float, r
     flat = R.view(-1)
     var = torch.dot(flat, flat) / (total - 1).clamp_min(1)
     return R.mul_(torch.rsqrt(var + eps))
+
+
+def _prime_coefficients(batch: TrajectoryBatch, n: Tensor, dsum: Tensor, scale: Tensor, rm_coef: float,
+                        outcome_coef: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row (c, b, v) of PRIME's closed form: process return c Q_t - b N_t, outcome return v. float [B] each."""
+    valid = batch.valid
+    rows = valid & (n > 0)
+    inv, G = group_index(batch.group)
+    m = scale * dsum / n.clamp_min(1)
+    st = segment_stats(m, inv, G, rows)
+    K = st.count[inv]
+    Kc = (K - 1).clamp_min(1)
+    on = rows & (K > 1)
+    zero = _zero(n.device)
+    c = torch.where(on, rm_coef * scale * K / Kc, zero)
+    b = torch.where(on, rm_coef * st.sum[inv] / Kc, zero)
+    r = torch.where(rows, outcome_coef * batch.outcome.to(torch.float32), zero)
+    v = torch.where(on, r * K / Kc - segment_stats(r, inv, G, rows).sum[inv] / Kc, zero)
+    return c, b, v
+
+
+_ONE_PASS_MIN_KEEP = 1e-4  # the one-pass variance must keep this share of the sum of squares, else two passes
+
+
+def _prime_token_runs(batch: TrajectoryBatch, lp: Tensor, mv: Tensor, counts: Tensor, last: Tensor, beta: float,
+                      rm_coef: float, outcome_coef: float, batch_norm: bool, eps: float) -> Tensor:
+    """``_prime_token_undiscounted`` when every row's valid actions are one run [first_i, last_i] (no holes).
+
+    There N_t = last_i + 1 - t, so R_t = c_i Q_t - b_i (last_i + 1 - t) + v_i is affine in t given Q, and the
+    whitening statistics follow from three row sums of Q (sum Q, sum Q^2, sum t Q) and sums of powers of
+    N = 1..n_i, combined in float64. Q is written once and turned into the output by one affine pass and one
+    masking pass. When the one-pass variance has lost more than four digits to the mean (near-constant
+    returns), the two-pass whitening runs on the materialised returns instead.
+    """
+    B, T = mv.shape
+    zero = _zero(mv.device)
+    d = torch.sub(lp.to(torch.float32), batch.ref_logp.to(torch.float32))
+    torch.where(mv, d, zero, out=d)
+    n = counts.to(torch.float32)
+    dsum = d.sum(dim=1)
+    Q = torch.cumsum(d, dim=1)
+    torch.sub(dsum[:, None], Q, out=Q).add_(d)  # Q_t = sum_{s >= t} d_s (total minus the prefix before t)
+    del d
+    torch.where(mv, Q, zero, out=Q)
+    scale = torch.full((), beta, device=mv.device)
+    if batch_norm:
+        qlo, qhi = Q.aminmax()
+        denom = beta * torch.maximum(qhi, -qlo)
+        scale = torch.where(denom > 0, scale / torch.where(denom > 0, denom, torch.ones_like(denom)), scale)
+    c, b, v = _prime_coefficients(batch, n, dsum, scale, rm_coef, outcome_coef)
+    t = torch.arange(T, device=mv.device, dtype=torch.float32)
+    f64 = torch.float64
+    sQ, sQQ, sQt = Q.sum(dim=1).to(f64), torch.linalg.vecdot(Q, Q, dim=1).to(f64), (Q @ t).to(f64)
+    c64, b64, v64, n64 = c.to(f64), b.to(f64), v.to(f64), n.to(f64)
+    L1 = last.to(f64) + 1
+    sN, sNN = n64 * (n64 + 1) / 2, n64 * (n64 + 1) * (2 * n64 + 1) / 6
+    sQN = L1 * sQ - sQt
+    sR = c64 * sQ - b64 * sN + n64 * v64
+    sRR = (c64 * c64 * sQQ - 2 * c64 * b64 * sQN + 2 * c64 * v64 * sQ + b64 * b64 * sNN - 2 * b64 * v64 * sN
+           + n64 * v64 * v64)
+    N = n64.sum()
+    mean = sR.sum() / N.clamp_min(1)
+    ss = sRR.sum() - N * mean * mean
+    R = Q.mul_(c[:, None]).addcmul_(b[:, None], t[None, :]).add_((v - b * L1.to(torch.float32))[:, None])
+    if bool(ss <= _ONE_PASS_MIN_KEEP * sRR.sum()):  # cancellation: whiten the materialised returns in two passes
+        torch.where(mv, R, zero, out=R)
+        return whiten_zeroed_(R, mv, eps=eps)
+    rho = torch.rsqrt(ss / (N - 1).clamp_min(1) + eps).to(torch.float32)
+    R.sub_(mean.to(torch.float32)).mul_(rho)
+    return torch.where(mv, R, zero, out=R)
 
 
 def implicit_prm_loss(

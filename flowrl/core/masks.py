@@ -122,6 +122,12 @@ def has_holes(mask: Tensor) -> Tensor:
     return ((n > 0) & (last - first + 1 != n)).any()
 
 
+def and_rows(mask: Tensor, rows: Tensor) -> Tensor:
+    """``mask & rows[:, None]`` for bool [B, T] and bool [B], as a product of their bytes (a broadcast bool ``&``
+    costs several times more on CPU). Returns a new bool [B, T]."""
+    return (mask.view(torch.uint8) * rows.view(torch.uint8)[:, None]).view(torch.bool)
+
+
 def zero_off_mask_(x: Tensor, mask: Tensor) -> Tensor:
     """x[~mask] = 0 in place (x contiguous float [B, T]); ``where`` with ``out`` is much faster than masked_fill_."""
     return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device), out=x)
