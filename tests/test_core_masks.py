@@ -109,3 +109,16 @@ def test_step_sums_fused_and_plain_agree_with_a_loop():
         cnt, tot = step_sums(step, mask, values, S, fused=fused)
         torch.testing.assert_close(cnt, cnt_ref)
         torch.testing.assert_close(tot, tot_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_compact_and_expand_by_hand():
+    """compaction moves each row's valid actions to its front, in order; expand is its inverse on valid actions."""
+    from flowrl.core.advantages import compact, compaction_index, expand
+
+    mask = torch.tensor([[0, 1, 0, 1, 1], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    x = torch.tensor([[9.0, 1.0, 9.0, 2.0, 3.0], [4.0, 9.0, 9.0, 9.0, 9.0], [9.0] * 5])
+    idx = compaction_index(mask)
+    assert idx.tolist() == [[5, 0, 5, 1, 2], [0, 5, 5, 5, 5], [5] * 5]
+    c = compact(x, idx)
+    assert c.tolist() == [[1.0, 2.0, 3.0, 0.0, 0.0], [4.0, 0.0, 0.0, 0.0, 0.0], [0.0] * 5]
+    assert expand(c * 10, idx).tolist() == [[0.0, 10.0, 0.0, 20.0, 30.0], [40.0, 0.0, 0.0, 0.0, 0.0], [0.0] * 5]

@@ -10,7 +10,6 @@ rewards on actions. Rewards "at the end" sit on the last valid action of a traje
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Callable
 
 import torch
@@ -99,78 +98,40 @@ def outcome_at_end(outcome: Tensor, mask: Tensor) -> Tensor:
     return add_outcome_at_end_(out, outcome, mask)
 
 
-def add_outcome_at_end_(rewards: Tensor, outcome: Tensor, mask: Tensor) -> Tensor:
-    """rewards[b, last valid action of b] += outcome[b], in place (rows without actions unchanged)."""
-    last = last_valid_index(mask)
+def add_outcome_at_end_(rewards: Tensor, outcome: Tensor, mask: Tensor, *, last: Tensor | None = None) -> Tensor:
+    """rewards[b, last valid action of b] += outcome[b], in place (rows without actions unchanged); ``last`` is
+    ``last_valid_index(mask)`` when the caller has it."""
+    last = last_valid_index(mask) if last is None else last
     r = torch.where(last >= 0, outcome.to(torch.float32), torch.zeros((), device=mask.device))
     return rewards.scatter_add_(1, last.clamp_min(0)[:, None], r[:, None])
 
 
-def masked_discounted_scan(x: Tensor, mask: Tensor, c: float, *, chunk: int = 32, overwrite: bool = False) -> Tensor:
+def masked_discounted_scan(x: Tensor, mask: Tensor, c: float, *, chunk: int = 32, overwrite: bool = False,
+                           layout: tuple[bool, bool] | None = None) -> Tensor:
     """y_t = x_t + c * y_{next valid action after t} on valid actions (0 elsewhere), vectorised over T.
 
     Equivalently y_t = sum_{s >= t, mask_s} c^{k(s) - k(t)} x_s with k the rank of an action among its row's
     valid ones: masked actions (padding, tool observations) neither earn nor discount. x, mask: [B, T].
     When every row's valid actions are one run (no holes: the usual case), k(s) - k(t) = s - t and the sum is
-    ``discounted_suffix_sum`` of the masked x (two matrix products, no chunk loop). Otherwise:
-    T is cut into chunks of ``chunk`` actions; inside a chunk y = c^{-k} * reverse-cumsum(c^{k} x) (all chunks at
-    once), and one carry per chunk runs back over the chunks (a loop over T / chunk chunks, not over samples).
-    The in-chunk factors c^{-k} stay finite in float32 for c >= 1/16 at chunk 32; a smaller c (rare: it makes
-    the return almost myopic) takes the exact recurrence over T instead. In-place arithmetic keeps the number
-    of [B, T] temporaries small (this runs on the whole batch). ``overwrite=True`` lets it zero a contiguous
-    float32 ``x`` off the mask in place instead of copying it.
+    ``discounted_suffix_sum`` of the masked x (two matrix products, no loop). With holes, each row's valid actions
+    are first moved to the front of the row in order (``compact``), where they form one run; the scan runs there
+    and ``expand`` puts the results back. ``chunk``: the scan's block size. ``overwrite=True`` lets it zero a contiguous
+    float32 ``x`` off the mask in place instead of copying it; ``layout`` is ``run_layout(mask)`` when the caller
+    has it.
     """
-    B, T = mask.shape
     zero = torch.zeros((), device=x.device)
     if c == 0.0:
         return torch.where(mask, x.to(torch.float32), zero)
-    no_holes, right_aligned = run_layout(mask)
+    no_holes, right_aligned = run_layout(mask) if layout is None else layout
     if no_holes:  # the usual case: each row's valid actions are one run, so no rank is needed
         own = overwrite and x.dtype == torch.float32 and x.is_contiguous()
         xf = zero_off_mask_(x, mask) if own else torch.where(mask, x.to(torch.float32), zero)
-        y = discounted_suffix_sum(xf, c)
+        y = discounted_suffix_sum(xf, c, chunk=chunk)
         # after a row's last action y is a sum of zeros; only left padding can hold a carry
         return y if right_aligned else zero_off_mask_(y, mask)
-    notm = ~mask
-    xf = x.to(torch.float32).masked_fill(notm, 0.0)
-    if c < 1.0 / 16:
-        return _scan_loop(xf, mask, c)
-    L = chunk
-    pad = (-T) % L
-    if pad:
-        xf = torch.nn.functional.pad(xf, (0, pad))
-        mask = torch.nn.functional.pad(mask, (0, pad))
-        notm = ~mask
-    n = (T + pad) // L
-    m3 = mask.view(B, n, L)
-    k = m3.cumsum(2, dtype=torch.float32)  # 1-based rank of each action inside its chunk
-    count = k[:, :, -1:].clone()  # valid actions per chunk [B, n, 1]
-    if c == 1.0:
-        local = _rev_cumsum_(xf.view(B, n, L).clone())
-        carry_factor = None
-        decay = torch.ones(B, n, device=x.device)
-    else:
-        logc = math.log(c)
-        w = k.mul(logc).exp_()  # c^k
-        local = _rev_cumsum_(xf.view(B, n, L).mul(w)).div_(w)
-        del w
-        carry_factor = k.neg_().add_(count + 1).mul_(logc).exp_()  # c^(#valid from t to the chunk's end), reuses k
-        decay = count.squeeze(2).mul(logc).exp_()  # what a carry loses crossing a whole chunk
-    # y (without later chunks) at each chunk's first valid action, then the carries back over the chunks
-    first_idx = m3.to(torch.uint8).argmax(dim=2, keepdim=True)  # first valid action of each chunk
-    first = local.gather(2, first_idx).squeeze(2)
-    has = count.squeeze(2) > 0
-    carry = torch.zeros(B, n, device=x.device)  # y at the first valid action after chunk j
-    nxt = torch.zeros(B, device=x.device)
-    for j in range(n - 1, -1, -1):  # over chunks (T / chunk of them)
-        carry[:, j] = nxt
-        nxt = torch.where(has[:, j], first[:, j] + decay[:, j] * nxt, nxt)
-    if carry_factor is None:
-        y = local.add_(carry[:, :, None])
-    else:
-        y = carry_factor.mul_(carry[:, :, None]).add_(local)
-    y = y.view(B, n * L).masked_fill_(notm, 0.0)
-    return y[:, :T] if pad else y
+    # holes: each row's valid actions moved to its front (in order) form one run; scan there, then put back
+    idx = compaction_index(mask)
+    return expand(discounted_suffix_sum(compact(x, idx), c, chunk=chunk), idx)
 
 
 def discounted_suffix_sum(x: Tensor, c: float, *, scale: float = 1.0, chunk: int = 32) -> Tensor:
@@ -204,23 +165,6 @@ def discounted_suffix_sum(x: Tensor, c: float, *, scale: float = 1.0, chunk: int
     nxt = torch.nn.functional.pad(start[:, 1:], (0, 1))  # y at the next chunk's start (0 after the last)
     y = local.addcmul_(nxt[:, :, None], w.to(torch.float32)[None, None, :]).view(B, n * L)
     return y[:, :T] if pad else y
-
-
-def _rev_cumsum_(x: Tensor) -> Tensor:
-    """Reverse cumulative sum over the last dim, sum_{s >= t} x_s, accumulated from the end (total minus a
-    prefix sum would cancel catastrophically when the tail is small, as with decaying weights)."""
-    return x.flip(-1).cumsum_(-1).flip(-1)
-
-
-def _scan_loop(xf: Tensor, mask: Tensor, c: float) -> Tensor:
-    """The recurrence over time, on time-major copies (the exact fallback of ``masked_discounted_scan``)."""
-    x_t, m_t = xf.t().contiguous(), mask.t().contiguous()
-    out_t = torch.zeros_like(x_t)
-    g = torch.zeros(xf.shape[0], device=xf.device)
-    for t in range(xf.shape[1] - 1, -1, -1):  # recurrence over time
-        g = torch.where(m_t[t], x_t[t] + c * g, g)
-        out_t[t] = torch.where(m_t[t], g, torch.zeros((), device=xf.device))
-    return out_t.t()
 
 
 def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
@@ -297,8 +241,10 @@ def reinforce_pp(batch: TrajectoryBatch, *, kl_coef: float = 0.0, gamma: float =
         # its whitening over actions is exact in [B] (token-weighted), with one broadcast at the end
         r = torch.where(batch.valid, batch.outcome.to(torch.float32), 0.0)
         return broadcast_to_actions(whiten_rows(r, batch.mask.sum(dim=1), eps=eps), batch.mask)
-    rewards = add_outcome_at_end_(kl_penalty_rewards(batch, kl_coef), batch.outcome, batch.mask)
-    returns = masked_discounted_scan(rewards, batch.mask, gamma, overwrite=True)  # 0 off the mask
+    counts, first, last = mask_runs(batch.mask)
+    rewards = add_outcome_at_end_(kl_penalty_rewards(batch, kl_coef), batch.outcome, batch.mask, last=last)
+    returns = masked_discounted_scan(rewards, batch.mask, gamma, overwrite=True,
+                                     layout=runs_layout(counts, first, last))  # 0 off the mask
     return whiten_zeroed_(returns, batch.mask, eps=eps)
 
 
@@ -350,42 +296,59 @@ def _gae_advantages(batch: TrajectoryBatch, *, gamma: float, lam: float, kl_coef
     mask = batch.mask
     counts, first, last = mask_runs(mask)
     no_holes, right_aligned = runs_layout(counts, first, last)
-    if not no_holes:
-        return _gae_with_holes(batch, gamma=gamma, lam=lam, kl_coef=kl_coef)
-    # Each row's valid actions are one run: the next valid action after t < last is t + 1, and V after the
-    # last is 0. Build -delta_t = V_t - gamma V_{t+1} - r_t in one pass (the sign goes into the scan's matrix).
-    B, T = mask.shape
     V = batch.value.to(torch.float32)
+    klr = kl_penalty_rewards(batch, kl_coef) if kl_coef != 0.0 else None
+    if no_holes:
+        adv = _gae_runs(V, mask, last, batch.outcome, klr, gamma, lam)
+        return adv if right_aligned else zero_off_mask_(adv, mask)  # only left padding can hold a carry
+    # Holes (tool observations): V_{t+1} and A_{t+1} are those of the next valid action. Moving each row's
+    # valid actions to its front, in order, makes "next valid" simply "next": GAE there, then back.
+    idx = compaction_index(mask)
+    T = mask.shape[1]
+    cmask = torch.arange(T, device=mask.device)[None, :] < counts[:, None]
+    klc = None if klr is None else compact(klr, idx)
+    adv_c = _gae_runs(compact(V, idx), cmask, counts - 1, batch.outcome, klc, gamma, lam)
+    return expand(adv_c, idx)
+
+
+def _gae_runs(V: Tensor, mask: Tensor, last: Tensor, outcome: Tensor, klr: Tensor | None, gamma: float,
+              lam: float) -> Tensor:
+    """GAE when each row's valid actions are one run ending at ``last`` [B] (-1: none): the next valid action
+    after t < last is t + 1, and V after the last is 0. -delta_t = V_t - gamma V_{t+1} - r_t is built in one pass
+    (the sign goes into the scan's matrix), zeroed off the mask, and scanned. 0 after each row's last action."""
+    B, T = mask.shape
     neg = torch.empty((B, T), dtype=torch.float32, device=mask.device)
     torch.sub(V[:, :-1], V[:, 1:], alpha=gamma, out=neg[:, :-1])
     neg[:, -1] = V[:, -1]
     li = last.clamp_min(0)[:, None]
-    r = torch.where(last >= 0, batch.outcome.to(torch.float32), 0.0)
+    r = torch.where(last >= 0, outcome.to(torch.float32), 0.0)
     neg.scatter_(1, li, V.gather(1, li) - r[:, None])  # at the last action: V_t - r (no V after it)
-    if kl_coef != 0.0:
-        neg.sub_(kl_penalty_rewards(batch, kl_coef))
+    if klr is not None:
+        neg.sub_(klr)
     zero_off_mask_(neg, mask)
-    adv = discounted_suffix_sum(neg, gamma * lam, scale=-1.0)
-    return adv if right_aligned else zero_off_mask_(adv, mask)  # only left padding can hold a carry
+    return discounted_suffix_sum(neg, gamma * lam, scale=-1.0)
 
 
-def _gae_with_holes(batch: TrajectoryBatch, *, gamma: float, lam: float, kl_coef: float) -> Tensor:
-    """GAE when some row's valid actions are interrupted (tool observations): V_{t+1} and A_{t+1} are those of
-    the next *valid* action, found by a reverse running minimum of positions; the scan skips the holes."""
-    mask = batch.mask
-    B, T = mask.shape
-    values = batch.value.to(torch.float32).masked_fill(~mask, 0.0)
-    n_valid = mask.sum(dim=1)
-    last = last_action_index(mask)
-    pos = torch.where(mask, torch.arange(T, device=mask.device), T)
-    at_or_after = pos.flip(1).cummin(1).values.flip(1)
-    nxt = torch.nn.functional.pad(at_or_after[:, 1:], (0, 1), value=T)
-    delta = torch.nn.functional.pad(values, (0, 1)).gather(1, nxt)
-    delta.mul_(gamma).sub_(values)  # delta_t = r_t + gamma V_next - V_t, in place
-    delta.scatter_add_(1, last[:, None], torch.where(n_valid > 0, batch.outcome.to(torch.float32), 0.0)[:, None])
-    if kl_coef != 0.0:
-        delta.add_(kl_penalty_rewards(batch, kl_coef))
-    return masked_discounted_scan(delta, mask, gamma * lam)
+def compaction_index(mask: Tensor) -> Tensor:
+    """long [B, T]: for a valid action, its rank among its row's valid actions (0, 1, ...); T for the others.
+
+    ``compact`` moves each row's valid actions to the front of the row in order (a right-padded run), so that
+    recurrences over valid actions (returns, GAE) need no notion of holes; ``expand`` puts them back."""
+    T = mask.shape[1]
+    rank = torch.cumsum(mask, dim=1)
+    return torch.where(mask, rank.sub_(1), torch.full((), T, dtype=rank.dtype, device=mask.device))
+
+
+def compact(x: Tensor, idx: Tensor) -> Tensor:
+    """float32 [B, T]: row b holds x's valid actions of row b in order, then zeros (``idx``: ``compaction_index``)."""
+    B, T = idx.shape
+    out = torch.zeros(B, T + 1, dtype=torch.float32, device=x.device)
+    return out.scatter_(1, idx, x.to(torch.float32))[:, :T]
+
+
+def expand(y: Tensor, idx: Tensor) -> Tensor:
+    """Inverse of ``compact``: float32 [B, T] with y's first entries back on the valid actions, 0 elsewhere."""
+    return torch.nn.functional.pad(y, (0, 1)).gather(1, idx)
 
 
 @register_advantage("stepwise_grpo", requires=("step_reward",))
