@@ -400,7 +400,7 @@ def _prime_token_undiscounted(batch: TrajectoryBatch, lp: Tensor, beta: float, r
     mv = mask if batch.sample_valid is None else and_rows(mask, valid)
     counts, first, last = mask_runs(mv)
     if runs_layout(counts, first, last)[0]:
-        return _prime_token_runs(batch, lp, mv, counts, last, beta, rm_coef, outcome_coef, batch_norm, eps)
+        return _prime_token_runs(batch, lp, mv, counts, first, last, beta, rm_coef, outcome_coef, batch_norm, eps)
     mf = mv.to(torch.float32)
     d = (lp.to(torch.float32) - batch.ref_logp.to(torch.float32)).mul_(mf)
     n = mf.sum(dim=1)
@@ -454,8 +454,8 @@ def _prime_coefficients(batch: TrajectoryBatch, n: Tensor, dsum: Tensor, scale: 
 _ONE_PASS_MIN_KEEP = 1e-4  # the one-pass variance must keep this share of the sum of squares, else two passes
 
 
-def _prime_token_runs(batch: TrajectoryBatch, lp: Tensor, mv: Tensor, counts: Tensor, last: Tensor, beta: float,
-                      rm_coef: float, outcome_coef: float, batch_norm: bool, eps: float) -> Tensor:
+def _prime_token_runs(batch: TrajectoryBatch, lp: Tensor, mv: Tensor, counts: Tensor, first: Tensor, last: Tensor,
+                      beta: float, rm_coef: float, outcome_coef: float, batch_norm: bool, eps: float) -> Tensor:
     """``_prime_token_undiscounted`` when every row's valid actions are one run [first_i, last_i] (no holes).
 
     There N_t = last_i + 1 - t, so R_t = c_i Q_t - b_i (last_i + 1 - t) + v_i is affine in t given Q, and the
@@ -469,11 +469,12 @@ def _prime_token_runs(batch: TrajectoryBatch, lp: Tensor, mv: Tensor, counts: Te
     d = torch.sub(lp.to(torch.float32), batch.ref_logp.to(torch.float32))
     torch.where(mv, d, zero, out=d)
     n = counts.to(torch.float32)
-    dsum = d.sum(dim=1)
     Q = torch.cumsum(d, dim=1)
+    dsum = Q[:, -1].clone()  # the prefix sum's own total: after a row's last action Q below is exactly 0
     torch.sub(dsum[:, None], Q, out=Q).add_(d)  # Q_t = sum_{s >= t} d_s (total minus the prefix before t)
     del d
-    torch.where(mv, Q, zero, out=Q)
+    if bool((first > 0).any()):  # left padding: Q there holds the row's total
+        torch.where(mv, Q, zero, out=Q)
     scale = torch.full((), beta, device=mv.device)
     if batch_norm:
         qlo, qhi = Q.aminmax()
@@ -493,12 +494,14 @@ def _prime_token_runs(batch: TrajectoryBatch, lp: Tensor, mv: Tensor, counts: Te
     N = n64.sum()
     mean = sR.sum() / N.clamp_min(1)
     ss = sRR.sum() - N * mean * mean
-    R = Q.mul_(c[:, None]).addcmul_(b[:, None], t[None, :]).add_((v - b * L1.to(torch.float32))[:, None])
     if bool(ss <= _ONE_PASS_MIN_KEEP * sRR.sum()):  # cancellation: whiten the materialised returns in two passes
+        R = Q.mul_(c[:, None]).addcmul_(b[:, None], t[None, :]).add_((v - b * L1.to(torch.float32))[:, None])
         torch.where(mv, R, zero, out=R)
         return whiten_zeroed_(R, mv, eps=eps)
-    rho = torch.rsqrt(ss / (N - 1).clamp_min(1) + eps).to(torch.float32)
-    R.sub_(mean.to(torch.float32)).mul_(rho)
+    # one affine pass: rho * (c Q + b t + v - b (last + 1) - mean), then 0 off the mask
+    rho = torch.rsqrt(ss / (N - 1).clamp_min(1) + eps)
+    R = Q.mul_((rho * c64).to(torch.float32)[:, None]).addcmul_((rho * b64).to(torch.float32)[:, None], t[None, :])
+    R.add_((rho * (v64 - b64 * L1 - mean)).to(torch.float32)[:, None])
     return torch.where(mv, R, zero, out=R)
 
 
