@@ -137,7 +137,8 @@ def main() -> None:
     text = (
         "## LLMs\n\n"
         "Embedded arithmetic model (1.05 M-parameter Llama, buggy-student data), 16 prompts x 8 samples per iteration at "
-        f"temperature 1, full fine-tuning, lr 1e-4, PPO-clip 0.2; {args.iterations} iterations, seeds {args.seeds}. "
+        "temperature 1, full fine-tuning, lr 1e-4 (dual-level: 3e-4; PRIME's implicit PRM: 1e-5), PPO-clip 0.2; "
+        f"{args.iterations} iterations, seeds {args.seeds}. "
         f"`acc@k`: greedy exact match on {args.eval_size} held-out problems after k iterations (mean over seeds). "
         "Sample columns are over the rollouts (128 completions per iteration). Written by "
         f"`python scripts/compare_llm.py --iterations {args.iterations} --seeds {' '.join(map(str, args.seeds))} "
