@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .batch import TrajectoryBatch, broadcast_to_actions, gather_steps
 from .groups import group_advantages, group_step_stats, masked_whiten, whiten_rows, whiten_zeroed_
-from .masks import and_rows, last_valid_index, mask_runs, run_layout, runs_layout, zero_off_mask_
+from .masks import and_rows, last_valid_index, mask_runs, row_counts, run_layout, runs_layout, zero_off_mask_
 
 AdvantageFn = Callable[..., Tensor]
 ADVANTAGES: dict[str, AdvantageFn] = {}
@@ -107,7 +107,7 @@ def add_outcome_at_end_(rewards: Tensor, outcome: Tensor, mask: Tensor, *, last:
 
 
 def masked_discounted_scan(x: Tensor, mask: Tensor, c: float, *, chunk: int = 32, overwrite: bool = False,
-                           layout: tuple[bool, bool] | None = None) -> Tensor:
+                           layout: tuple[bool, bool] | None = None, scale: float = 1.0) -> Tensor:
     """y_t = x_t + c * y_{next valid action after t} on valid actions (0 elsewhere), vectorised over T.
 
     Equivalently y_t = sum_{s >= t, mask_s} c^{k(s) - k(t)} x_s with k the rank of an action among its row's
@@ -117,21 +117,21 @@ def masked_discounted_scan(x: Tensor, mask: Tensor, c: float, *, chunk: int = 32
     are first moved to the front of the row in order (``compact``), where they form one run; the scan runs there
     and ``expand`` puts the results back. ``chunk``: the scan's block size. ``overwrite=True`` lets it zero a contiguous
     float32 ``x`` off the mask in place instead of copying it; ``layout`` is ``run_layout(mask)`` when the caller
-    has it.
+    has it; ``scale`` multiplies the result (for free, inside the scan's matrix).
     """
     zero = torch.zeros((), device=x.device)
     if c == 0.0:
-        return torch.where(mask, x.to(torch.float32), zero)
+        return torch.where(mask, x.to(torch.float32) * scale, zero)
     no_holes, right_aligned = run_layout(mask) if layout is None else layout
     if no_holes:  # the usual case: each row's valid actions are one run, so no rank is needed
         own = overwrite and x.dtype == torch.float32 and x.is_contiguous()
         xf = zero_off_mask_(x, mask) if own else torch.where(mask, x.to(torch.float32), zero)
-        y = discounted_suffix_sum(xf, c, chunk=chunk)
+        y = discounted_suffix_sum(xf, c, scale=scale, chunk=chunk)
         # after a row's last action y is a sum of zeros; only left padding can hold a carry
         return y if right_aligned else zero_off_mask_(y, mask)
     # holes: each row's valid actions moved to its front (in order) form one run; scan there, then put back
     idx = compaction_index(mask)
-    return expand(discounted_suffix_sum(compact(x, idx), c, chunk=chunk), idx)
+    return expand(discounted_suffix_sum(compact(x, idx), c, scale=scale, chunk=chunk), idx)
 
 
 def discounted_suffix_sum(x: Tensor, c: float, *, scale: float = 1.0, chunk: int = 32) -> Tensor:
@@ -182,7 +182,8 @@ def kl_penalty_rewards(batch: TrajectoryBatch, kl_coef: float) -> Tensor:
         return torch.zeros(batch.mask.shape, device=batch.device)
     if batch.ref_logp is None:
         raise ValueError(f"kl_coef={kl_coef} needs batch.ref_logp (reference log-probs), which is not set")
-    return torch.sub(batch.ref_logp.to(torch.float32), batch.old_logp.to(torch.float32)).mul_(kl_coef)
+    diff = torch.sub(batch.ref_logp.to(torch.float32), batch.old_logp.to(torch.float32))
+    return diff if kl_coef == 1.0 else diff.mul_(kl_coef)
 
 
 # ----------------------------------------------------------------------------- outcome estimators
@@ -240,10 +241,17 @@ def reinforce_pp(batch: TrajectoryBatch, *, kl_coef: float = 0.0, gamma: float =
         # outcome only: G_t = r on every valid action up to the last one, so the return is row-constant and
         # its whitening over actions is exact in [B] (token-weighted), with one broadcast at the end
         r = torch.where(batch.valid, batch.outcome.to(torch.float32), 0.0)
-        return broadcast_to_actions(whiten_rows(r, batch.mask.sum(dim=1), eps=eps), batch.mask)
+        return broadcast_to_actions(whiten_rows(r, row_counts(batch.mask), eps=eps), batch.mask)
     counts, first, last = mask_runs(batch.mask)
-    rewards = add_outcome_at_end_(kl_penalty_rewards(batch, kl_coef), batch.outcome, batch.mask, last=last)
-    returns = masked_discounted_scan(rewards, batch.mask, gamma, overwrite=True,
+    if kl_coef != 0.0:  # scan (ref - old + r / kl) scaled by kl: one pass fewer than scaling the KL term
+        if batch.ref_logp is None:
+            raise ValueError(f"kl_coef={kl_coef} needs batch.ref_logp (reference log-probs), which is not set")
+        x = kl_penalty_rewards(batch, 1.0)
+        out, scale = batch.outcome.to(torch.float32) / kl_coef, kl_coef
+    else:
+        x, out, scale = torch.zeros(batch.mask.shape, device=batch.device), batch.outcome, 1.0
+    rewards = add_outcome_at_end_(x, out, batch.mask, last=last)
+    returns = masked_discounted_scan(rewards, batch.mask, gamma, overwrite=True, scale=scale,
                                      layout=runs_layout(counts, first, last))  # 0 off the mask
     return whiten_zeroed_(returns, batch.mask, eps=eps)
 
@@ -259,7 +267,7 @@ def reinforce_pp_baseline(batch: TrajectoryBatch, *, eps: float = 1e-8) -> Tenso
     """
     centred = group_advantages(batch.outcome, batch.group, baseline="mean", scale="none", valid=batch.valid)
     # row-constant: whitened over the valid actions exactly in [B] (token-weighted), then one broadcast
-    return broadcast_to_actions(whiten_rows(centred, batch.mask.sum(dim=1), eps=eps), batch.mask)
+    return broadcast_to_actions(whiten_rows(centred, row_counts(batch.mask), eps=eps), batch.mask)
 
 
 @register_advantage("gae", requires=("value",))
@@ -297,7 +305,11 @@ def _gae_advantages(batch: TrajectoryBatch, *, gamma: float, lam: float, kl_coef
     counts, first, last = mask_runs(mask)
     no_holes, right_aligned = runs_layout(counts, first, last)
     V = batch.value.to(torch.float32)
-    klr = kl_penalty_rewards(batch, kl_coef) if kl_coef != 0.0 else None
+    klr = None
+    if kl_coef != 0.0:
+        if batch.ref_logp is None:
+            raise ValueError(f"kl_coef={kl_coef} needs batch.ref_logp (reference log-probs), which is not set")
+        klr = (batch.old_logp.to(torch.float32), batch.ref_logp.to(torch.float32), kl_coef)
     if no_holes:
         adv = _gae_runs(V, mask, last, batch.outcome, klr, gamma, lam)
         return adv if right_aligned else zero_off_mask_(adv, mask)  # only left padding can hold a carry
@@ -306,16 +318,17 @@ def _gae_advantages(batch: TrajectoryBatch, *, gamma: float, lam: float, kl_coef
     idx = compaction_index(mask)
     T = mask.shape[1]
     cmask = torch.arange(T, device=mask.device)[None, :] < counts[:, None]
-    klc = None if klr is None else compact(klr, idx)
+    klc = None if klr is None else (compact(klr[0], idx), compact(klr[1], idx), kl_coef)
     adv_c = _gae_runs(compact(V, idx), cmask, counts - 1, batch.outcome, klc, gamma, lam)
     return expand(adv_c, idx)
 
 
-def _gae_runs(V: Tensor, mask: Tensor, last: Tensor, outcome: Tensor, klr: Tensor | None, gamma: float,
+def _gae_runs(V: Tensor, mask: Tensor, last: Tensor, outcome: Tensor, klr: tuple | None, gamma: float,
               lam: float) -> Tensor:
     """GAE when each row's valid actions are one run ending at ``last`` [B] (-1: none): the next valid action
     after t < last is t + 1, and V after the last is 0. -delta_t = V_t - gamma V_{t+1} - r_t is built in one pass
-    (the sign goes into the scan's matrix), zeroed off the mask, and scanned. 0 after each row's last action."""
+    (the sign goes into the scan's matrix), zeroed off the mask, and scanned. 0 after each row's last action.
+    ``klr`` = (old_logp, ref_logp, kl_coef): the in-reward KL -kl (old - ref), added in place."""
     B, T = mask.shape
     neg = torch.empty((B, T), dtype=torch.float32, device=mask.device)
     torch.sub(V[:, :-1], V[:, 1:], alpha=gamma, out=neg[:, :-1])
@@ -323,8 +336,9 @@ def _gae_runs(V: Tensor, mask: Tensor, last: Tensor, outcome: Tensor, klr: Tenso
     li = last.clamp_min(0)[:, None]
     r = torch.where(last >= 0, outcome.to(torch.float32), 0.0)
     neg.scatter_(1, li, V.gather(1, li) - r[:, None])  # at the last action: V_t - r (no V after it)
-    if klr is not None:
-        neg.sub_(klr)
+    if klr is not None:  # -delta gains + kl (old - ref), in two in-place passes
+        old, ref, kl = klr
+        neg.add_(old, alpha=kl).sub_(ref, alpha=kl)
     zero_off_mask_(neg, mask)
     return discounted_suffix_sum(neg, gamma * lam, scale=-1.0)
 

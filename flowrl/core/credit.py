@@ -33,7 +33,7 @@ from torch import Tensor
 from .advantages import discounted_returns, last_action_index, outcome_at_end, register_advantage
 from .batch import TrajectoryBatch, gather_steps
 from .groups import group_advantages, group_index, group_step_stats, masked_whiten, segment_stats, whiten_zeroed_
-from .masks import and_rows, last_valid_index, mask_runs, row_counts, runs_layout
+from .masks import and_rows, any_valid, last_valid_index, mask_runs, row_counts, runs_layout
 
 __all__ = [
     "turning_point_rewards", "tp_grpo", "step_returns", "prime", "implicit_prm_loss", "dual_level",
@@ -526,7 +526,7 @@ def implicit_prm_loss(
         raise ValueError("implicit_prm_loss: labels must lie in [0, 1]")
     zero = _zero(mask.device)
     z = beta * torch.where(mask, prm_logp.float() - ref_logp.detach().float(), zero).sum(dim=1)
-    has = mask.any(dim=1)
+    has = any_valid(mask)
     per = torch.nn.functional.binary_cross_entropy_with_logits(z, lab, reduction="none")
     n = has.to(torch.float32).sum().clamp_min(1)
     loss = torch.where(has, per, zero).sum() / n

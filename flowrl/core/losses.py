@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .advantages import check_params
 from .groups import all_reduce_sum, use_distributed, world_size
+from .masks import row_counts
 
 LossFn = Callable[..., tuple[Tensor, dict[str, Tensor]]]
 LOSSES: dict[str, LossFn] = {}
@@ -79,7 +80,7 @@ def aggregate(
     check_shapes(mask, values=values)
     zero = torch.zeros((), dtype=torch.float32, device=values.device)
     v = torch.where(mask, values.to(torch.float32), zero)
-    tokens = mask.sum(dim=1).to(torch.float32)  # counts straight from the bool mask: no float [B, T] copy
+    tokens = row_counts(mask).to(torch.float32)  # counts straight from the bool mask's bytes: no float [B, T] copy
     has = tokens > 0
     if mode == "token_mean":
         num, den = v.sum(), tokens.sum()
