@@ -453,3 +453,16 @@ def loss_inputs(gen: torch.Generator, B: int = 9, T: int = 13, spread: float = 0
     logp = old + spread * torch.randn(B, T, generator=gen)
     adv = torch.randn(B, 1, generator=gen).expand(B, T).clone() if seq_adv else torch.randn(B, T, generator=gen)
     return logp, old, adv, mask
+
+
+def discounted_scan(x: torch.Tensor, mask: torch.Tensor, c: float) -> torch.Tensor:
+    """y_t = x_t + c * y_{next valid action} on valid actions, 0 elsewhere: the recurrence, row by row."""
+    B, T = mask.shape
+    ref = torch.zeros(B, T)
+    for b in range(B):
+        y = 0.0
+        for t in range(T - 1, -1, -1):
+            if mask[b, t]:
+                y = float(x[b, t]) + c * y
+                ref[b, t] = y
+    return ref
