@@ -82,8 +82,8 @@ def test_report_flags_a_hacked_run_and_not_a_clean_one(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- runs (slow)
-def _run(tmp_path: Path, name: str, *overrides: str) -> tuple[dict, dict, str]:
-    cfg = load(TrainConfig, FLOW_GRPO, ["progress=false", "trackers=[]", "threads=1", "save_every=1000",
+def _run(tmp_path: Path, name: str, *overrides: str, config: Path = FLOW_GRPO) -> tuple[dict, dict, str]:
+    cfg = load(TrainConfig, config, ["progress=false", "trackers=[]", "threads=1", "save_every=1000",
                                         "eval.grid_per_prompt=4", *overrides])
     out = tmp_path / name
     train(cfg, out)
@@ -104,6 +104,22 @@ def test_short_flow_grpo_run_improves_the_judges_accuracy(tmp_path):
     assert after["reward"] - before["reward"] >= 0.15, (before, after)
     assert after["realism"] <= 1.10 * before["realism"], (before, after)
     assert SUSPECTED not in report and "No sign of reward hacking" in report
+
+
+# Shortened AC-Flow (likelihood-free: critic-weighted flow matching, positive-part weights, 4 updates per rollout):
+# 10 iterations (5 of them the critic's warm-up), evaluation of 10 samples per digit. Measured (seed 0, about 40 s):
+# judge accuracy 0.71 -> 0.82, reward (mean prob.) 0.50 -> 0.62, realism 1.82 -> 1.82, no flag. The full config
+# passes the demo bar (docs/results.md).
+AC_SHORT = ["iterations=10", "eval.every=10", "eval.num_per_prompt=10"]
+
+
+@pytest.mark.slow
+def test_short_ac_flow_run_raises_the_reward_and_the_judges_accuracy(tmp_path):
+    before, after, report = _run(tmp_path, "ac_flow", *AC_SHORT, config=ROOT / "configs" / "digits" / "ac_flow.yaml")
+    assert after["reward"] - before["reward"] >= 0.08, (before, after)
+    assert after["accuracy"] - before["accuracy"] >= 0.06, (before, after)
+    assert after["realism"] <= 1.10 * before["realism"], (before, after)
+    assert SUSPECTED not in report
 
 
 # Deliberate hacking: no KL and lr 5e-4 (2.5x the demo's), otherwise the same short run, 60 iterations.
