@@ -3,7 +3,8 @@
 - ``hacking_flags`` on hand-made before/after evaluation lines (fast), and ``write_report`` on a hand-written
   metrics.jsonl (fast): the flag appears exactly when the reward model and the judge disagree or realism drifts.
 - A shortened Flow-GRPO digits run (slow, still in CI): the independent judge's accuracy rises by a measured
-  margin, realism stays within 10% of the start, and the report carries no hacking flag.
+  margin, realism stays within 10% of the start, and the report carries no hacking flag. The same, shorter, for
+  TurningPoint-GRPO, DanceGRPO, Euphonium and AC-Flow.
 - A deliberately hacking run (slow): no KL, a high learning rate and several updates per rollout; the reward
   classifier is fooled while the judge or realism gets worse, and the report says "Reward hacking suspected".
 
@@ -118,6 +119,24 @@ def test_short_ac_flow_run_raises_the_reward_and_the_judges_accuracy(tmp_path):
     before, after, report = _run(tmp_path, "ac_flow", *AC_SHORT, config=ROOT / "configs" / "digits" / "ac_flow.yaml")
     assert after["reward"] - before["reward"] >= 0.08, (before, after)
     assert after["accuracy"] - before["accuracy"] >= 0.06, (before, after)
+    assert after["realism"] <= 1.10 * before["realism"], (before, after)
+    assert SUSPECTED not in report
+
+
+# The other PPO-style algorithms, shortened to 12 iterations with evaluation of 10 samples per digit. Measured (seed
+# 0, this CPU): tp_grpo judge 0.71 -> 0.88, reward 0.50 -> 0.82 (about 60 s); dance_grpo 0.73 -> 0.88, 0.57 -> 0.79
+# (about 15 s); euphonium (evaluated unguided) 0.73 -> 0.77, 0.57 -> 0.73 (about 40 s). Margins about half of that.
+SHORT_OTHERS = {"tp_grpo": (0.15, 0.08), "dance_grpo": (0.11, 0.07), "euphonium": (0.08, 0.0)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", sorted(SHORT_OTHERS))
+def test_short_runs_of_the_other_algorithms_raise_the_reward(tmp_path, algo):
+    d_reward, d_acc = SHORT_OTHERS[algo]
+    before, after, report = _run(tmp_path, algo, "iterations=12", "eval.every=12", "eval.num_per_prompt=10",
+                                 config=ROOT / "configs" / "digits" / f"{algo}.yaml")
+    assert after["reward"] - before["reward"] >= d_reward, (before, after)
+    assert after["accuracy"] - before["accuracy"] >= d_acc, (before, after)
     assert after["realism"] <= 1.10 * before["realism"], (before, after)
     assert SUSPECTED not in report
 
