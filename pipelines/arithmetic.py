@@ -198,11 +198,17 @@ def build_tokenizer():
 
 def model_config(vocab_size: int = len(SPECIALS) + len(CHARS)):
     """The Llama config of the embedded model: hidden 128, 4 layers, 4 heads, MLP 512, tied embeddings."""
+    return char_llama_config(vocab_size, max_positions=64)
+
+
+def char_llama_config(vocab_size: int, *, max_positions: int):
+    """The tiny character Llama shared by the embedded LMs: hidden 128, 4 layers, 4 heads, MLP 512, tied
+    embeddings, ``<pad>`` 0 and ``<eos>`` 1 as in :func:`char_tokenizer`."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, rms_norm_eps=1e-6,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max_positions, rms_norm_eps=1e-6,
         tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=None,
     )
 
@@ -213,13 +219,19 @@ def load_arithmetic(path: Optional[str | Path] = None, **kwargs):
     ``path`` defaults to the weights inside the installed package; ``kwargs`` go to
     :func:`flowrl.pipelines.causal_lm.load_causal_lm` (dtype, device, lora, ...).
     """
+    return load_embedded_lm("arithmetic", WEIGHTS_DIR if path is None else path, "scripts/build_arithmetic.py", **kwargs)
+
+
+def load_embedded_lm(name: str, path: str | Path, build_script: str, **kwargs):
+    """Load an embedded LM's folder through ``load_causal_lm``; a clear error naming the build script when the
+    weights are missing."""
     from .causal_lm import load_causal_lm
 
-    path = Path(path) if path is not None else WEIGHTS_DIR
+    path = Path(path)
     if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"arithmetic weights not found in {path} (need model.safetensors, config.json and tokenizer files); "
-            "build them with `python scripts/build_arithmetic.py`"
+            f"{name} weights not found in {path} (need model.safetensors, config.json and tokenizer files); "
+            f"build them with `python {build_script}`"
         )
     return load_causal_lm(str(path), **kwargs)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .arithmetic import SPECIALS, char_tokenizer
+from .arithmetic import SPECIALS, char_llama_config, char_tokenizer, load_embedded_lm
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "countdown_weights"
 
@@ -38,13 +38,7 @@ def build_tokenizer():
 
 def model_config(vocab_size: int = len(SPECIALS) + len(CHARS)):
     """The Llama config of the embedded countdown model: hidden 128, 4 layers, 4 heads, MLP 512, tied embeddings."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=MAX_LENGTH, rms_norm_eps=1e-6,
-        tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=None,
-    )
+    return char_llama_config(vocab_size, max_positions=MAX_LENGTH)
 
 
 def load_countdown(path: Optional[str | Path] = None, **kwargs):
@@ -53,12 +47,4 @@ def load_countdown(path: Optional[str | Path] = None, **kwargs):
     ``path`` defaults to the weights inside the installed package; ``kwargs`` go to
     :func:`flowrl.pipelines.causal_lm.load_causal_lm` (dtype, device, lora, ...).
     """
-    from .causal_lm import load_causal_lm
-
-    path = Path(path) if path is not None else WEIGHTS_DIR
-    if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"countdown weights not found in {path} (need model.safetensors, config.json and tokenizer files); "
-            "build them with `python scripts/build_countdown.py`"
-        )
-    return load_causal_lm(str(path), **kwargs)
+    return load_embedded_lm("countdown", WEIGHTS_DIR if path is None else path, "scripts/build_countdown.py", **kwargs)
