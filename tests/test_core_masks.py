@@ -7,7 +7,7 @@ import torch
 import reference
 
 from flowrl.core.advantages import discounted_suffix_sum, masked_discounted_scan
-from flowrl.core.masks import first_valid_index, has_holes, last_valid_index, row_counts, zero_off_mask_
+from flowrl.core.masks import first_valid_index, last_valid_index, row_counts, run_layout, zero_off_mask_
 
 
 def _loop_reference(mask: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
@@ -35,7 +35,7 @@ def test_mask_reductions_match_loops(T, p):
         assert row_counts(m).tolist() == counts
         assert first_valid_index(m).tolist() == firsts
         assert last_valid_index(m).tolist() == lasts
-        assert bool(has_holes(m)) == any(c > 0 and l - f + 1 != c for c, f, l in zip(counts, firsts, lasts))
+        assert (not run_layout(m)[0]) == any(c > 0 and l - f + 1 != c for c, f, l in zip(counts, firsts, lasts))
 
 
 def test_mask_reductions_by_hand():
@@ -45,7 +45,7 @@ def test_mask_reductions_by_hand():
     assert row_counts(m).tolist() == [9, 2, 0]
     assert first_valid_index(m).tolist() == [3, 0, -1]
     assert last_valid_index(m).tolist() == [11, 15, -1]
-    assert bool(has_holes(m)) and not bool(has_holes(m[[0, 2]]))
+    assert not run_layout(m)[0] and run_layout(m[[0, 2]])[0]
     x = torch.arange(48.0).view(3, 16)
     assert zero_off_mask_(x, m) is x and x[0].tolist() == [0.0] * 3 + [float(i) for i in range(3, 12)] + [0.0] * 4
 
@@ -78,7 +78,7 @@ def test_masked_discounted_scan_without_holes_matches_the_recurrence(layout):
     pos = torch.arange(T)[None, :]
     mask = {"right": pos < lengths[:, None], "left": pos >= T - lengths[:, None],
             "full": torch.ones(B, T, dtype=torch.bool)}[layout]
-    assert not bool(has_holes(mask))
+    assert run_layout(mask)[0]
     for c in (0.5, 0.95, 1.0):
         torch.testing.assert_close(masked_discounted_scan(x, mask, c), reference.discounted_scan(x, mask, c),
                                    atol=1e-5, rtol=1e-5)

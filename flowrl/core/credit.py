@@ -403,33 +403,25 @@ def _prime_token_undiscounted(batch: TrajectoryBatch, lp: Tensor, beta: float, r
         return _prime_token_runs(batch, lp, mv, counts, first, last, beta, rm_coef, outcome_coef, batch_norm, eps)
     mf = mv.to(torch.float32)
     d = (lp.to(torch.float32) - batch.ref_logp.to(torch.float32)).mul_(mf)
-    n = mf.sum(dim=1)
+    n = counts.to(torch.float32)
     dsum = d.sum(dim=1)
     Q = torch.cumsum(d, dim=1).neg_().add_(dsum[:, None]).add_(d)  # reverse cumsum
-    scale = torch.full((), beta, device=mask.device)
-    if batch_norm:
-        qlo, qhi = Q.aminmax()
-        denom = beta * torch.maximum(qhi, -qlo)  # max |reverse cumsum| (at a padded t it equals a valid one's, or 0)
-        scale = torch.where(denom > 0, scale / torch.where(denom > 0, denom, torch.ones_like(denom)), scale)
-    rows = valid & (n > 0)
-    inv, G = group_index(batch.group)
-    m = scale * dsum / n.clamp_min(1)
-    K = segment_stats(m, inv, G, rows).count[inv]
-    Kc = (K - 1).clamp_min(1)
-    on = rows & (K > 1)
-    zero = _zero(mask.device)
-    c = torch.where(on, rm_coef * scale * K / Kc, zero)
-    b = torch.where(on, rm_coef * segment_stats(m, inv, G, rows).sum[inv] / Kc, zero)
-    r = torch.where(rows, outcome_coef * batch.outcome.to(torch.float32), zero)
-    v = torch.where(on, r * K / Kc - segment_stats(r, inv, G, rows).sum[inv] / Kc, zero)
+    scale = _prime_scale(Q, beta, batch_norm)
+    c, b, v = _prime_coefficients(batch, n, dsum, scale, rm_coef, outcome_coef)
     N = torch.cumsum(mf, dim=1).neg_().add_(n[:, None]).add_(mf)
     R = Q.mul_(c[:, None]).sub_(N.mul_(b[:, None])).add_(v[:, None]).mul_(mf)
-    total = n.sum()
-    mean = R.sum() / total.clamp_min(1)
-    R.sub_(mean).mul_(mf)
-    flat = R.view(-1)
-    var = torch.dot(flat, flat) / (total - 1).clamp_min(1)
-    return R.mul_(torch.rsqrt(var + eps))
+    return whiten_zeroed_(R, mv, eps=eps)
+
+
+def _prime_scale(Q: Tensor, beta: float, batch_norm: bool) -> Tensor:
+    """beta, or with ``batch_norm`` beta / (beta * max |Q|) (PRIME's batch normalisation of the implicit reward;
+    Q [B, T] is the reverse cumsum of the log-ratio, 0 or a valid action's value at padded positions)."""
+    scale = torch.full((), beta, device=Q.device)
+    if batch_norm:
+        qlo, qhi = Q.aminmax()
+        denom = beta * torch.maximum(qhi, -qlo)
+        scale = torch.where(denom > 0, scale / torch.where(denom > 0, denom, torch.ones_like(denom)), scale)
+    return scale
 
 
 def _prime_coefficients(batch: TrajectoryBatch, n: Tensor, dsum: Tensor, scale: Tensor, rm_coef: float,
@@ -475,11 +467,7 @@ def _prime_token_runs(batch: TrajectoryBatch, lp: Tensor, mv: Tensor, counts: Te
     del d
     if bool((first > 0).any()):  # left padding: Q there holds the row's total
         torch.where(mv, Q, zero, out=Q)
-    scale = torch.full((), beta, device=mv.device)
-    if batch_norm:
-        qlo, qhi = Q.aminmax()
-        denom = beta * torch.maximum(qhi, -qlo)
-        scale = torch.where(denom > 0, scale / torch.where(denom > 0, denom, torch.ones_like(denom)), scale)
+    scale = _prime_scale(Q, beta, batch_norm)
     c, b, v = _prime_coefficients(batch, n, dsum, scale, rm_coef, outcome_coef)
     t = torch.arange(T, device=mv.device, dtype=torch.float32)
     f64 = torch.float64

@@ -116,12 +116,6 @@ def runs_layout(counts: Tensor, first: Tensor, last: Tensor) -> tuple[bool, bool
     return not bool(holes), not bool(left)
 
 
-def has_holes(mask: Tensor) -> Tensor:
-    """bool scalar tensor: some row's valid actions are not one contiguous run (e.g. tool output inside)."""
-    n, first, last = mask_runs(mask)
-    return ((n > 0) & (last - first + 1 != n)).any()
-
-
 def and_rows(mask: Tensor, rows: Tensor) -> Tensor:
     """``mask & rows[:, None]`` for bool [B, T] and bool [B], as a product of their bytes (a broadcast bool ``&``
     costs several times more on CPU). Returns a new bool [B, T]."""
