@@ -16,3 +16,24 @@ def gen() -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(1234)
     return g
+
+
+@pytest.fixture(params=["native", "torch"], scope="module")
+def core_path(request):
+    """Run a module's tests twice: with the core's native CPU kernels, and on the torch path (what CUDA runs).
+
+    The native kernels must build on the test machine (a C compiler is part of the set-up): a failed build
+    fails the "native" run instead of silently testing the torch path twice. FLOWRL_NATIVE is set as well, for
+    the processes a test spawns."""
+    from flowrl.core import native
+
+    old = os.environ.get("FLOWRL_NATIVE")
+    os.environ["FLOWRL_NATIVE"] = "1" if request.param == "native" else "0"
+    try:
+        with native.enabled(request.param == "native"):
+            yield request.param
+    finally:
+        if old is None:
+            os.environ.pop("FLOWRL_NATIVE", None)
+        else:
+            os.environ["FLOWRL_NATIVE"] = old

@@ -11,6 +11,8 @@ import reference as ref
 from flowrl.core import ADVANTAGES, TrajectoryBatch, compute_advantages, register_advantage
 from flowrl.core.advantages import discounted_returns, outcome_at_end
 
+pytestmark = pytest.mark.usefixtures("core_path")  # each test on the native kernels and on the torch path
+
 # (estimator, params) pairs: every estimator, every scale, every option that changes the formula.
 CASES = [
     ("grpo", {}),

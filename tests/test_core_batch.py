@@ -9,6 +9,8 @@ import torch
 import reference as ref
 from flowrl.core import TrajectoryBatch, broadcast_to_actions, gather_steps
 
+pytestmark = pytest.mark.usefixtures("core_path")  # each test on the native kernels and on the torch path
+
 NAN, INF = float("nan"), float("inf")
 
 

@@ -12,6 +12,8 @@ import torch.multiprocessing as mp
 import reference as ref
 from flowrl.core import AGG_MODES, aggregate, compute_advantages, compute_policy_loss
 
+pytestmark = pytest.mark.usefixtures("core_path")  # each test on the native kernels and on the torch path
+
 SPLIT = 17  # rank 0 holds rows [0, 17), rank 1 the other 29: unequal local sizes
 EST_CASES = [
     ("grpo", {}), ("grpo", {"scale": "batch"}), ("grpo", {"scale": "none"}), ("dr_grpo", {}), ("rloo", {}),

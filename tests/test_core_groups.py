@@ -11,6 +11,8 @@ import reference as ref
 from flowrl.core import group_advantages, group_stats, group_step_stats, masked_whiten, segment_stats
 from flowrl.core.groups import batch_std, group_index
 
+pytestmark = pytest.mark.usefixtures("core_path")  # each test on the native kernels and on the torch path
+
 
 def _rewards(gen, sizes=(1, 2, 3, 1, 5, 8, 16, 4, 2)):
     """Shuffled groups of mixed sizes: singletons, all-equal groups, binary and continuous rewards."""

@@ -9,6 +9,8 @@ import reference
 from flowrl.core.advantages import discounted_suffix_sum, masked_discounted_scan
 from flowrl.core.masks import first_valid_index, last_valid_index, row_counts, run_layout, zero_off_mask_
 
+pytestmark = pytest.mark.usefixtures("core_path")  # each test on the native kernels and on the torch path
+
 
 def _loop_reference(mask: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
     counts, firsts, lasts = [], [], []

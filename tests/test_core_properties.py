@@ -11,6 +11,9 @@ from hypothesis import strategies as st
 import reference as ref
 from flowrl.core import compute_advantages, group_advantages
 from flowrl.core.losses import AGG_MODES, aggregate, compute_policy_loss
+import pytest
+
+pytestmark = pytest.mark.usefixtures("core_path")  # each test on the native kernels and on the torch path
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
 GRID = [-1.0, 0.0, 0.5, 1.0, 2.0, 3.25]  # few values: ties and all-equal groups are common

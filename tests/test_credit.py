@@ -16,6 +16,8 @@ import torch
 from flowrl.core import ADVANTAGES, TrajectoryBatch, compute_advantages
 from flowrl.core.credit import implicit_prm_loss, turning_point_rewards
 
+pytestmark = pytest.mark.usefixtures("core_path")  # each test on the native kernels and on the torch path
+
 NAN = float("nan")
 
 

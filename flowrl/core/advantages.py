@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from . import native
 from .batch import TrajectoryBatch, broadcast_to_actions, gather_steps
 from .groups import group_advantages, group_step_stats, masked_whiten, whiten_rows, whiten_zeroed_
 from .masks import and_rows, last_valid_index, mask_runs, row_counts, run_layout, runs_layout, zero_off_mask_
@@ -79,9 +80,13 @@ def compute_advantages(name: str, batch: TrajectoryBatch, **params) -> Tensor:
     if tuple(adv.shape) != tuple(batch.mask.shape):
         raise ValueError(f"advantage estimator {name!r} returned shape {tuple(adv.shape)}; expected [B, T] = {tuple(batch.mask.shape)}")
     adv = adv.to(torch.float32)
-    adv = zero_off_mask_(adv, batch.mask) if adv.is_contiguous() else torch.where(batch.mask, adv, 0.0)
-    lo, hi = adv.aminmax()  # NaN propagates: one pass, no [B, T] temporaries (isfinite builds two)
-    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+    if adv.is_contiguous() and native.usable(adv, batch.mask):  # one fused pass: mask and count non-finite
+        ok = native.zero_off_mask_count_nonfinite_(adv, batch.mask) == 0
+    else:
+        adv = zero_off_mask_(adv, batch.mask) if adv.is_contiguous() else torch.where(batch.mask, adv, 0.0)
+        lo, hi = adv.aminmax()  # NaN propagates: one pass, no [B, T] temporaries (isfinite builds two)
+        ok = bool(torch.isfinite(lo) & torch.isfinite(hi))
+    if not ok:
         raise ValueError(f"advantage estimator {name!r} produced NaN or inf; check its inputs (rewards, values, log-probs)")
     return adv
 
@@ -115,13 +120,17 @@ def masked_discounted_scan(x: Tensor, mask: Tensor, c: float, *, chunk: int = 32
     When every row's valid actions are one run (no holes: the usual case), k(s) - k(t) = s - t and the sum is
     ``discounted_suffix_sum`` of the masked x (two matrix products, no loop). With holes, each row's valid actions
     are first moved to the front of the row in order (``compact``), where they form one run; the scan runs there
-    and ``expand`` puts the results back. ``chunk``: the scan's block size. ``overwrite=True`` lets it zero a contiguous
+    and ``expand`` puts the results back. On CPU the fused native scan does all of it in one pass (``native.scan``).
+    ``chunk``: the matrix scan's block size. ``overwrite=True`` lets it zero a contiguous
     float32 ``x`` off the mask in place instead of copying it; ``layout`` is ``run_layout(mask)`` when the caller
     has it; ``scale`` multiplies the result (for free, inside the scan's matrix).
     """
     zero = torch.zeros((), device=x.device)
     if c == 0.0:
         return torch.where(mask, x.to(torch.float32) * scale, zero)
+    if native.usable(x, mask):  # one fused pass, any layout (holes included)
+        own = overwrite and x.dtype == torch.float32 and x.is_contiguous()
+        return native.scan(mask, a=x, c=c, scale=scale, out=x if own else None)[0]
     no_holes, right_aligned = run_layout(mask) if layout is None else layout
     if no_holes:  # the usual case: each row's valid actions are one run, so no rank is needed
         own = overwrite and x.dtype == torch.float32 and x.is_contiguous()
@@ -242,10 +251,17 @@ def reinforce_pp(batch: TrajectoryBatch, *, kl_coef: float = 0.0, gamma: float =
         # its whitening over actions is exact in [B] (token-weighted), with one broadcast at the end
         r = torch.where(batch.valid, batch.outcome.to(torch.float32), 0.0)
         return broadcast_to_actions(whiten_rows(r, row_counts(batch.mask), eps=eps), batch.mask)
+    if kl_coef != 0.0 and batch.ref_logp is None:
+        raise ValueError(f"kl_coef={kl_coef} needs batch.ref_logp (reference log-probs), which is not set")
+    if native.usable(batch.old_logp, batch.ref_logp, batch.mask):
+        # one fused pass: r_t = kl (ref - old)_t + [t last] r, the discounted scan and the whitening's sums
+        kl = torch.full((batch.batch_size,), kl_coef) if kl_coef != 0.0 else None
+        returns, rs, rq = native.scan(batch.mask, a=batch.ref_logp if kl is not None else None,
+                                      b=batch.old_logp if kl is not None else None, coef=kl, end=batch.outcome,
+                                      c=gamma, stats=True)
+        return whiten_zeroed_(returns, batch.mask, eps=eps, row_sums=(rs, rq))
     counts, first, last = mask_runs(batch.mask)
     if kl_coef != 0.0:  # scan (ref - old + r / kl) scaled by kl: one pass fewer than scaling the KL term
-        if batch.ref_logp is None:
-            raise ValueError(f"kl_coef={kl_coef} needs batch.ref_logp (reference log-probs), which is not set")
         x = kl_penalty_rewards(batch, 1.0)
         out, scale = batch.outcome.to(torch.float32) / kl_coef, kl_coef
     else:
@@ -279,36 +295,51 @@ def gae(
     r_t = 1[t = last action] * r - kl_coef * (log pi_old - log pi_ref)_t;
     delta_t = r_t + gamma * V_{t+1} - V_t (V after the last action is 0);  A_t = delta_t + gamma * lam * A_{t+1}.
     Masked actions are skipped: V_{t+1} and A_{t+1} are those of the next *valid* action.
-    Computed without a loop: delta in one pass, then A = sum_{s >= t} (gamma lam)^{s - t} delta_s by
-    ``discounted_suffix_sum`` (two matrix products); batches whose masks have holes take the chunked
-    ``masked_discounted_scan``. ``whiten`` normalises over the batch's valid actions (in place).
+    On CPU: one fused native pass (``native.scan``: delta, the scan and the whitening's sums), any mask layout.
+    Elsewhere without a loop: -delta in one pass, then A = sum_{s >= t} (gamma lam)^{s - t} delta_s by
+    ``discounted_suffix_sum`` (two matrix products), after moving each row's valid actions to its front when the
+    mask has holes. ``whiten`` normalises over the batch's valid actions (in place).
     Returns float [B, T]; ``gae_advantages_and_returns`` also gives the critic targets A + V.
     """
-    adv = _gae_advantages(batch, gamma=gamma, lam=lam, kl_coef=kl_coef)
-    return whiten_zeroed_(adv, batch.mask) if whiten else adv
+    adv, sums = _gae_advantages(batch, gamma=gamma, lam=lam, kl_coef=kl_coef, row_sums=whiten)
+    return whiten_zeroed_(adv, batch.mask, row_sums=sums) if whiten else adv
 
 
 def gae_advantages_and_returns(
     batch: TrajectoryBatch, *, gamma: float = 1.0, lam: float = 0.95, kl_coef: float = 0.0
 ) -> tuple[Tensor, Tensor]:
     """Un-whitened GAE advantages and returns (A + V), each float [B, T], 0 off the mask."""
-    adv = _gae_advantages(batch, gamma=gamma, lam=lam, kl_coef=kl_coef)
+    adv = _gae_advantages(batch, gamma=gamma, lam=lam, kl_coef=kl_coef)[0]
     values = batch.value.to(torch.float32)
     return adv, torch.where(batch.mask, adv + values, torch.zeros((), device=adv.device))
 
 
-def _gae_advantages(batch: TrajectoryBatch, *, gamma: float, lam: float, kl_coef: float) -> Tensor:
-    """Un-whitened GAE advantages float [B, T], 0 off the mask (see ``gae``)."""
+def _gae_advantages(batch: TrajectoryBatch, *, gamma: float, lam: float, kl_coef: float, row_sums: bool = False
+                    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """Un-whitened GAE advantages float [B, T], 0 off the mask (see ``gae``), and, from the native scan when
+    ``row_sums``, the rows' sums of A and A^2 (float64 [B] each; None otherwise)."""
     if batch.value is None:
         raise ValueError("GAE needs batch.value (critic values), which is not set")
+    if kl_coef != 0.0 and batch.ref_logp is None:
+        raise ValueError(f"kl_coef={kl_coef} needs batch.ref_logp (reference log-probs), which is not set")
+    mask = batch.mask
+    if native.usable(batch.value, batch.old_logp, batch.ref_logp, mask):  # one fused pass, any layout
+        kl = torch.full((batch.batch_size,), kl_coef) if kl_coef != 0.0 else None
+        adv, rs, rq = native.scan(mask, a=batch.ref_logp if kl is not None else None,
+                                  b=batch.old_logp if kl is not None else None, coef=kl, end=batch.outcome,
+                                  value=batch.value, gamma=gamma, c=gamma * lam, stats=row_sums)
+        return adv, ((rs, rq) if row_sums else None)
+    return _gae_advantages_torch(batch, gamma=gamma, lam=lam, kl_coef=kl_coef), None
+
+
+def _gae_advantages_torch(batch: TrajectoryBatch, *, gamma: float, lam: float, kl_coef: float) -> Tensor:
+    """``_gae_advantages`` in torch ops (CUDA, autograd, or no native kernels): float [B, T], 0 off the mask."""
     mask = batch.mask
     counts, first, last = mask_runs(mask)
     no_holes, right_aligned = runs_layout(counts, first, last)
     V = batch.value.to(torch.float32)
     klr = None
     if kl_coef != 0.0:
-        if batch.ref_logp is None:
-            raise ValueError(f"kl_coef={kl_coef} needs batch.ref_logp (reference log-probs), which is not set")
         klr = (batch.old_logp.to(torch.float32), batch.ref_logp.to(torch.float32), kl_coef)
     if no_holes:
         adv = _gae_runs(V, mask, last, batch.outcome, klr, gamma, lam)

@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
+from . import native
 
 # (name, dtype kind, shape spec) for every tensor field; "B", "T", "S" are symbolic sizes.
 _FIELDS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -282,10 +283,12 @@ def gather_steps(per_step: Tensor, step: Tensor, mask: Tensor, *,
     NaN per-step values (a step without a reward) also give 0 on its actions. ``step_range`` = (min, max) of
     ``step`` (``TrajectoryBatch.step_range()``, remembered by ``validate``) saves a pass over ``step``; padding
     may hold any index, so ``step`` is clamped (a [B, T] copy) only when that range leaves [0, S).
-    Cost: one gather and one in-place ``where`` over [B, T].
+    Cost: one gather and one in-place ``where`` over [B, T]; on CPU one fused native pass (``native.gather_steps``).
     """
     S = per_step.shape[1]
     per = torch.nan_to_num(per_step.to(torch.float32), nan=0.0)  # [B, S]: small
+    if S > 0 and step.dtype == torch.int64 and native.usable(per, step, mask):
+        return native.gather_steps(per, step, mask)  # one fused pass (it clamps step itself)
     lo, hi = step.aminmax() if step_range is None else step_range
     idx = step if bool((lo >= 0) & (hi < S)) else step.clamp(0, max(S - 1, 0))
     out = torch.gather(per, 1, idx.long())

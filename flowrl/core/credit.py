@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import native
 from .advantages import discounted_returns, last_action_index, outcome_at_end, register_advantage
 from .batch import TrajectoryBatch, gather_steps
 from .groups import group_advantages, group_index, group_step_stats, masked_whiten, segment_stats, whiten_zeroed_
@@ -79,12 +80,15 @@ def step_sums(step: Tensor, mask: Tensor, values: Tensor, S: int, *, fused: Opti
               ) -> tuple[Tensor, Tensor]:
     """(count, total) float [B, S] each: the valid actions of each step and the sum of ``values`` over them.
 
-    step: long [B, T] already in [0, S); mask: bool [B, T]; values: float [B, T]. ``fused`` (default: on CPU)
+    step: long [B, T] already in [0, S); mask: bool [B, T]; values: float [B, T]. On CPU with the native kernels
+    (``fused`` None): one pass (``native.step_sums``). ``fused`` (default: on CPU without them)
     accumulates both in one ``scatter_add_`` of complex numbers, value + 1j on valid actions, since a CPU scatter
     costs per index read (two float scatters read the int64 index twice); off, two float scatters.
     """
     B = mask.shape[0]
     zero = torch.zeros((), device=mask.device)
+    if fused is None and S > 0 and native.usable(step, mask, values):
+        return native.step_sums(step, mask, values, S)  # one pass, both sums
     if fused is None:
         fused = mask.device.type == "cpu"
     if fused:
@@ -398,6 +402,8 @@ def _prime_token_undiscounted(batch: TrajectoryBatch, lp: Tensor, beta: float, r
     mask = batch.mask
     valid = batch.valid
     mv = mask if batch.sample_valid is None else and_rows(mask, valid)
+    if native.usable(lp, batch.ref_logp, mv):
+        return _prime_token_native(batch, lp, mv, beta, rm_coef, outcome_coef, batch_norm, eps)
     counts, first, last = mask_runs(mv)
     if runs_layout(counts, first, last)[0]:
         return _prime_token_runs(batch, lp, mv, counts, first, last, beta, rm_coef, outcome_coef, batch_norm, eps)
@@ -411,6 +417,21 @@ def _prime_token_undiscounted(batch: TrajectoryBatch, lp: Tensor, beta: float, r
     N = torch.cumsum(mf, dim=1).neg_().add_(n[:, None]).add_(mf)
     R = Q.mul_(c[:, None]).sub_(N.mul_(b[:, None])).add_(v[:, None]).mul_(mf)
     return whiten_zeroed_(R, mv, eps=eps)
+
+
+def _prime_token_native(batch: TrajectoryBatch, lp: Tensor, mv: Tensor, beta: float, rm_coef: float,
+                        outcome_coef: float, batch_norm: bool, eps: float) -> Tensor:
+    """``_prime_token_undiscounted`` with the native kernels, any mask layout: the rows' sums of d (one pass), then
+    R_t = sum_{s >= t valid} (c_i d_s - b_i) + v_i by one fused scan (coef c, bias -b, v at the last action), whose
+    row sums feed the whitening (one more pass). ``batch_norm`` first scans d alone for max |Q|."""
+    n = row_counts(mv).to(torch.float32)
+    dsum = native.row_sums(mv, lp, batch.ref_logp)[0].to(torch.float32)
+    scale = torch.full((), beta)
+    if batch_norm:
+        scale = _prime_scale(native.scan(mv, a=lp, b=batch.ref_logp)[0], beta, True)
+    c, b, v = _prime_coefficients(batch, n, dsum, scale, rm_coef, outcome_coef)
+    R, rs, rq = native.scan(mv, a=lp, b=batch.ref_logp, coef=c, bias=-b, end=v, stats=True)
+    return whiten_zeroed_(R, mv, eps=eps, row_sums=(rs, rq))
 
 
 def _prime_scale(Q: Tensor, beta: float, batch_norm: bool) -> Tensor:
