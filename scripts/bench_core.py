@@ -158,10 +158,16 @@ _LIBC = None
 
 
 def _malloc_trim() -> None:
+    """Hand freed memory back to the system, so that a peak measures what a call needs and not what earlier calls
+    happened to leave cached: glibc's malloc_trim, and with jemalloc preloaded a purge of every arena (its
+    retained dirty pages would otherwise serve the call without raising the RSS)."""
     global _LIBC
     try:
-        _LIBC = _LIBC or ctypes.CDLL("libc.so.6")
-        _LIBC.malloc_trim(0)
+        _LIBC = _LIBC or ctypes.CDLL(None)
+        if hasattr(_LIBC, "mallctl"):  # jemalloc: "arena.<MALLCTL_ARENAS_ALL = 4096>.purge"
+            _LIBC.mallctl(b"arena.4096.purge", None, None, None, ctypes.c_size_t(0))
+        if hasattr(_LIBC, "malloc_trim"):
+            _LIBC.malloc_trim(0)
     except OSError:
         pass
 

@@ -129,13 +129,6 @@ def test_scan_writes_in_place_and_splits_rows_over_threads(gen):
     assert out.data_ptr() == own.data_ptr() and torch.equal(out, want)
 
 
-def test_output_kept_half_a_page_from_the_input():
-    ref = torch.empty(64, 1024)
-    out = native.empty_apart(64, 1024, ref)
-    assert (out.data_ptr() - ref.data_ptr()) % 4096 == 2048
-    assert out.is_contiguous() and out.shape == (64, 1024) and out.dtype == torch.float32
-
-
 def test_row_sums_affine_and_masking(gen):
     B, T = 23, 29
     mask = random_mask(gen, B, T, "holes")

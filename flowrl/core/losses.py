@@ -196,21 +196,51 @@ def ppo_clip(
     A = adv.detach().float()
     if adv_clip is not None:
         A = A.clamp(-adv_clip, adv_clip)
-    log_ratio = torch.where(mask, logp.float() - old_logp.detach().float(), torch.zeros((), device=mask.device))
-    ratio = torch.exp(log_ratio)
-    neg_A = -A
-    l1 = neg_A * ratio
-    l2 = neg_A * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
-    loss = torch.maximum(l1, l2)
-    metrics = _ratio_metrics(log_ratio.detach(), mask, (l2 > l1).detach(), ratio=ratio.detach())
-    if dual_clip is not None:
-        l3 = -A * dual_clip
-        dual = (A < 0) & (l3 < loss)
-        loss = torch.where(A < 0, torch.minimum(loss, l3), loss)
-        metrics["policy/dual_clip_frac"] = masked_mean(dual, mask)
+    metrics: dict[str, Tensor] = {}
+    loss = _ClippedSurrogate.apply(logp, old_logp, A, mask, eps_low, eps_high, dual_clip, metrics)
     if is_weights is not None:
         loss = loss * is_weights.detach()
     return aggregate(loss, mask, agg, max_len=max_len), metrics
+
+
+class _ClippedSurrogate(torch.autograd.Function):
+    """``ppo_clip``'s per-action loss l float32 [B, T] (0 off the mask), with its gradient kept as one [B, T].
+
+    d l / d logp = -A rho where the unclipped term is the maximum, 0 where the clipped one wins (the clip is
+    flat there) or the dual clip does (a constant). Autograd through the elementwise graph keeps five [B, T]
+    buffers (rho, -A, both terms, the maximum's inputs) and builds as many gradients; this keeps the one
+    coefficient, so the forward + backward peak is about half. The metrics are written into ``metrics``."""
+
+    @staticmethod
+    def forward(ctx, logp, old_logp, A, mask, eps_low, eps_high, dual_clip, metrics):
+        zero = torch.zeros((), device=mask.device)
+        log_ratio = torch.where(mask, logp.detach().float() - old_logp.detach().float(), zero)
+        ratio = torch.exp(log_ratio)
+        loss = torch.mul(A, ratio).neg_()  # -A rho
+        clipped_term = torch.mul(A, ratio.clamp(1.0 - eps_low, 1.0 + eps_high)).neg_()
+        clipped = clipped_term > loss
+        torch.maximum(loss, clipped_term, out=loss)
+        del clipped_term
+        metrics.update(_ratio_metrics(log_ratio, mask, clipped, ratio=ratio))
+        grad = torch.mul(A, ratio, out=log_ratio).neg_()  # -A rho, in log_ratio's buffer
+        del ratio
+        off = clipped.logical_or_(~mask)
+        if dual_clip is not None:
+            l3 = A * (-dual_clip)
+            dual = (A < 0) & (l3 < loss)
+            metrics["policy/dual_clip_frac"] = masked_mean(dual, mask)
+            torch.where(dual, l3, loss, out=loss)
+            off.logical_or_(dual)
+        torch.where(off, zero, grad, out=grad)
+        torch.where(mask, loss, zero, out=loss)
+        ctx.save_for_backward(grad)
+        ctx.logp_dtype = logp.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return (grad_loss * grad).to(ctx.logp_dtype), None, None, None, None, None, None, None
 
 
 @register_loss("gspo")

@@ -185,20 +185,6 @@ def _run_rows(fn, B: int, *args) -> list:
     return [f.result() for f in futs]
 
 
-_PAGE = 4096
-
-
-def empty_apart(B: int, T: int, ref: Tensor) -> Tensor:
-    """An uninitialised contiguous float32 [B, T] whose addresses sit half a page (2 KiB) from ``ref``'s modulo
-    4 KiB. A kernel that stores out[i, t] and then loads ref[i', t'] from an address 4 KiB-aligned with it stalls
-    (the CPU takes the load for a possible alias of the store; "4K aliasing"): with rows of 4 KiB (T = 1,024)
-    and page-aligned allocations that is every load, and the scan ran 2x slower."""
-    n = B * T
-    store = torch.empty(n + _PAGE // 4, dtype=torch.float32)
-    shift = ((ref.data_ptr() + _PAGE // 2 - store.data_ptr()) % _PAGE) // 4
-    return store[shift:shift + n].view(B, T)
-
-
 # ----------------------------------------------------------------------------- kernels
 def scan(mask: Tensor, *, a: Optional[Tensor] = None, b: Optional[Tensor] = None, coef: Optional[Tensor] = None,
          bias: Optional[Tensor] = None, end: Optional[Tensor] = None, value: Optional[Tensor] = None,
@@ -221,7 +207,7 @@ def scan(mask: Tensor, *, a: Optional[Tensor] = None, b: Optional[Tensor] = None
     a, b, value = _f32c(a), _f32c(b), _f32c(value)
     coef, bias, end = _f32c(coef), _f32c(bias), _f32c(end)
     if out is None:
-        out = empty_apart(B, T, next((x for x in (value, a, b) if x is not None), mask))
+        out = torch.empty(B, T, dtype=torch.float32)
     rs = torch.empty(B, dtype=torch.float64) if stats else None
     rq = torch.empty(B, dtype=torch.float64) if stats else None
     _run_rows(lib.flowrl_scan, B, T, _ptr(mask), _ptr(a), _ptr(b), _ptr(coef), _ptr(bias), _ptr(end), _ptr(value),
@@ -269,7 +255,7 @@ def gather_steps(per_step: Tensor, step: Tensor, mask: Tensor) -> Tensor:
     B, T = mask.shape
     per = _f32c(per_step)
     st = step.to(torch.int64).contiguous()
-    out = empty_apart(B, T, st)
+    out = torch.empty(B, T, dtype=torch.float32)
     _run_rows(lib.flowrl_gather_steps, B, T, per.shape[1], _ptr(mask), _ptr(st), _ptr(per), _ptr(out))
     return out
 

@@ -183,9 +183,10 @@ int flowrl_simd(int set) {
    valid actions, in double, for the caller's whitening. REINFORCE++ returns: no V, c = gamma; GAE: c = gamma
    lambda. out may be a, b or V (each position is read before it is written, once, from the end).
 
-   ``NR`` rows are stepped together (a compile-time constant after inlining): their recurrences are
-   independent, so the core is not left waiting on one row's multiply-add chain. Branch-free selects. The
-   caller keeps out's addresses off the inputs' modulo 4 KiB (a store followed by a load 4 KiB away stalls). */
+   Portable code: ``NR`` rows are stepped together (a compile-time constant after inlining): their recurrences
+   are independent, so the core is not left waiting on one row's multiply-add chain. Branch-free selects.
+   (With rows of 4 KiB and page-aligned arrays its loads sit 4 KiB from its last stores, which costs it about
+   30%; the AVX2 code stores whole tiles behind its loads and does not pay that.) */
 #define SCAN_ROWS 4
 static inline void scan_block(const int NR, int64_t i0, int64_t T, const uint8_t *mask, const float *a,
                               const float *b, const float *coef, const float *bias, const float *end, const float *V,
