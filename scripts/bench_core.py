@@ -45,6 +45,7 @@ import torch
 
 import flowrl.core
 from flowrl.core import ADVANTAGES, TrajectoryBatch, compute_advantages, group_advantages
+from flowrl.core import native
 from flowrl.core.losses import ppo_clip
 
 # Parameters for estimators that need some to run on the bench batch (none do today; keyed by name).
@@ -249,10 +250,15 @@ def run(args, threads: int, batch: TrajectoryBatch, mem_ok: bool) -> list[tuple[
           f"checks); checked: compute_advantages (validate + re-mask + NaN check). Ratios use fn {basis} time.")
     print(f"inputs = all batch tensors = {inputs / 2**20:.0f} MB; [B,T]s = peak extra (of the checked call) in "
           f"float32 [B, T] units of {bt_bytes / 2**20:.0f} MB")
+    has_native = native.library() is not None
+    print(f"native CPU kernels: {'on, ' + ('AVX2' if native.simd() else 'portable C') if has_native else 'off'}"
+          + ("; 'torch path': the same fn with them off (what CUDA runs), and its time over fn's" if has_native else ""))
     hdr = f"  {'estimator':<24}{'fn cpu':>9}{'fn wall':>9}{'checked':>9}{'vs floor':>9}{'vs loop':>9}"
     if mem_ok:
         hdr += f"{'peak MB':>9}{'/inputs':>8}{'[B,T]s':>7}"
-    print(hdr + "\n" + f"  {'':<24}{'ms':>9}{'ms':>9}{basis + ' ms':>9}")
+    if has_native:
+        hdr += f"{'torch path':>11}{'':>7}"
+    print(hdr + "\n" + f"  {'':<24}{'ms':>9}{'ms':>9}{basis + ' ms':>9}" + (f"{'':>42}{basis + ' ms':>11}" if has_native and mem_ok else ""))
     grpo = None
     holed = None
     rows = [(name, name, BENCH_PARAMS.get(name, {}), False) for name in sorted(ADVANTAGES)] + VARIANTS
@@ -278,6 +284,10 @@ def run(args, threads: int, batch: TrajectoryBatch, mem_ok: bool) -> list[tuple[
             line += f"{peak / 2**20:9.0f}{peak / inputs:8.2f}{peak / bt_bytes:7.2f}"
             verdicts.append((f"{label}: peak extra memory < 3x inputs", peak < TARGETS["peak_vs_inputs"] * inputs,
                              f"{peak / inputs:.2f}x"))
+        if has_native:
+            with native.enabled(False):
+                slow = Timing(lambda: fn(b, **params), args.repeats)
+            line += f"{ms(key(slow)):>11}{key(slow) / t:6.1f}x"
         print(line)
         verdicts.append((f"{label}: under 100 ms (fn; checked in brackets)", t < EST_LIMIT_S,
                          f"{t * 1e3:.0f} ms ({key(checked) * 1e3:.0f} ms)"))

@@ -64,10 +64,12 @@ def _to_actions(per_step: Tensor, batch: TrajectoryBatch) -> Tensor:
     return gather_steps(per_step, batch.step, batch.mask, step_range=batch.step_range())
 
 
-def _present(batch: TrajectoryBatch, S: int) -> Tensor:
-    """bool [B, S]: step s of trajectory i is present (s <= L_i) and sample i is valid."""
+def _present(batch: TrajectoryBatch, S: int, last: Optional[Tensor] = None) -> Tensor:
+    """bool [B, S]: step s of trajectory i is present (s <= L_i) and sample i is valid (``last``: ``_last_step``
+    when the caller has it; it costs a pass over the mask)."""
     s = torch.arange(S, device=batch.device)
-    return (s[None, :] <= _last_step(batch)[:, None]) & batch.valid[:, None]
+    last = _last_step(batch) if last is None else last
+    return (s[None, :] <= last[:, None]) & batch.valid[:, None]
 
 
 def step_token_counts(step: Tensor, mask: Tensor, S: int) -> Tensor:
@@ -667,9 +669,9 @@ def igpo(batch: TrajectoryBatch, *, gamma: float = 1.0, eps: float = 1e-4) -> Te
     """
     p = _require_steps(batch, "igpo")
     S = p.shape[1]
-    present = _present(batch, S)
-    _check_finite_on(p, present, "igpo", "batch.step_reward (p_k)")
     last = _last_step(batch)
+    present = _present(batch, S, last)
+    _check_finite_on(p, present, "igpo", "batch.step_reward (p_k)")
     k = torch.arange(S, device=batch.device)[None, :]
     nxt = torch.cat([p[:, 1:], torch.zeros_like(p[:, :1])], dim=1)
     out = torch.where(batch.valid, batch.outcome.to(torch.float32), _zero(batch.device))[:, None]
@@ -702,11 +704,11 @@ def spae(
     """
     phi = _require_steps(batch, "spae")
     S = phi.shape[1]
-    present = _present(batch, S)
+    last = _last_step(batch)
+    present = _present(batch, S, last)
     _check_finite_on(phi, present, "spae", "batch.step_reward (Phi_k)")
     zero = _zero(batch.device)
     phi0 = torch.where(present, phi, zero)
-    last = _last_step(batch)
     k = torch.arange(S, device=batch.device)[None, :]
     nxt = torch.cat([phi0[:, 1:], torch.zeros_like(phi0[:, :1])], dim=1)
     delta = torch.where(present & (k < last[:, None]), nxt - phi0, zero)
