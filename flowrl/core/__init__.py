@@ -1,4 +1,5 @@
-"""The shared trajectory/advantage core: torch only, no model libraries.
+"""The shared trajectory/advantage core: torch only, no model libraries (on CPU, ``native`` adds fused C
+kernels for the token-level passes, built on first use with the system compiler; without one, the torch path).
 
 Import what you need from here: the data contract, group statistics, the estimator and loss
 registries, shapers and filters.
