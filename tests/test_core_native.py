@@ -220,3 +220,30 @@ def test_every_estimator_equal_on_both_paths(gen, name, layout):
         with native.enabled(False):
             slow = compute_advantages(name, batch, **params)
         torch.testing.assert_close(fast, slow, rtol=2e-4, atol=2e-5, msg=lambda m: f"{name} {params}: {m}")
+
+
+def test_a_forked_child_gets_its_own_threads(gen):
+    """A pool made before a fork (e.g. before DataLoader workers start) has no threads in the child: the child
+    must make its own instead of waiting forever on the parent's."""
+    import multiprocessing as mp
+
+    mask = random_mask(gen, 1024, 16, "holes")
+    x = torch.randn(1024, 16, generator=gen)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        want = native.scan(mask, a=x, c=0.5)[0]  # creates the pool in this process
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=_scan_in_child, args=(mask, x, q))
+        p.start()
+        got = q.get(timeout=60)
+        p.join(timeout=60)
+    finally:
+        torch.set_num_threads(threads)
+    assert p.exitcode == 0 and torch.equal(torch.tensor(got), want)
+
+
+def _scan_in_child(mask, x, q):
+    torch.set_num_threads(2)
+    q.put(native.scan(mask, a=x, c=0.5)[0].tolist())  # plain data: the child exits after

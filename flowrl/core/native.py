@@ -40,6 +40,7 @@ _lib: Optional[ctypes.CDLL] = None
 _tried = False
 _forced: Optional[bool] = None  # set by ``enabled(...)`` (tests compare both paths)
 _pool: Optional[ThreadPoolExecutor] = None
+_pool_pid = -1
 _MIN_ROWS_PER_THREAD = 256  # below this a thread costs more than it saves
 
 _i64, _f32, _p = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
@@ -172,12 +173,13 @@ def _maskc(mask: Tensor) -> Tensor:
 
 def _run_rows(fn, B: int, *args) -> list:
     """fn(r0, r1, *args) over row blocks, on up to torch.get_num_threads() threads; returns each call's result."""
-    global _pool
+    global _pool, _pool_pid
     n = max(1, min(torch.get_num_threads(), B // _MIN_ROWS_PER_THREAD))
     if n == 1:
         return [fn(0, B, *args)]
-    if _pool is None or _pool._max_workers < n:
+    if _pool is None or _pool._max_workers < n or _pool_pid != os.getpid():  # a forked child has no pool threads
         _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="flowrl-native")
+        _pool_pid = os.getpid()
     # cuts on multiples of 8 rows: the kernels step rows in blocks of 8 and take the rest one by one, so every
     # row takes the same code (and rounding) whatever the number of threads
     cuts = [min(B, (B * k // n) // 8 * 8) for k in range(n)] + [B]
