@@ -156,6 +156,19 @@ def test_row_sums_affine_and_masking(gen):
         native.affine_masked_(x.t(), mask.t(), 0.0, 1.0)
 
 
+def test_broadcast_rows(gen):
+    B, T = 21, 19
+    mask = random_mask(gen, B, T, "holes")
+    v = torch.randn(B, generator=gen)
+    want = torch.zeros(B, T)
+    for i in range(B):
+        for t in range(T):
+            if mask[i, t]:
+                want[i, t] = v[i]
+    assert torch.equal(native.broadcast_rows(v, mask), want)
+    assert torch.equal(native.broadcast_rows(v.double(), mask), want)  # any float dtype in, float32 out
+
+
 def test_gather_and_sum_steps(gen):
     B, T, S = 17, 31, 5
     mask = random_mask(gen, B, T, "holes")

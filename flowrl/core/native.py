@@ -3,8 +3,8 @@
 Eager torch pays one pass over [B, T] per operation; a token-level recurrence (GAE, REINFORCE++ returns,
 PRIME's process returns) then costs 14-18 passes, and a per-step gather or sum several. The C kernels here do
 each of these in one pass: a fused discounted scan with its reward, critic and whitening sums; the
-whitening's apply step; per-step gathers and sums; and compute_advantages' final masking with its finiteness
-check.
+whitening's apply step; per-trajectory broadcasts, per-step gathers and sums; and compute_advantages' final
+masking with its finiteness check.
 
 When they run: CPU tensors, no autograd through the inputs, and a C compiler (``$CC`` or ``cc``) that built
 the library (once per source version, cached in ``$FLOWRL_CACHE`` or ``~/.cache/flowrl``; about a second).
@@ -49,6 +49,7 @@ _SIGNATURES = {
     "flowrl_row_sums": ([_i64, _i64, _i64, _p, _p, _p, _p, _p], None),
     "flowrl_affine_masked": ([_i64, _i64, _i64, _p, _p, _f32, _f32], None),
     "flowrl_zero_off_mask_count_nonfinite": ([_i64, _i64, _i64, _p, _p], _i64),
+    "flowrl_broadcast_rows": ([_i64, _i64, _i64, _p, _p, _p], None),
     "flowrl_gather_steps": ([_i64, _i64, _i64, _i64, _p, _p, _p, _p], None),
     "flowrl_step_sums": ([_i64, _i64, _i64, _i64, _p, _p, _p, _p, _p], None),
     "flowrl_simd": ([ctypes.c_int], ctypes.c_int),
@@ -247,6 +248,17 @@ def zero_off_mask_count_nonfinite_(x: Tensor, mask: Tensor) -> int:
     mask = _maskc(mask)
     B, T = mask.shape
     return int(sum(_run_rows(lib.flowrl_zero_off_mask_count_nonfinite, B, T, _ptr(mask), _ptr(x))))
+
+
+def broadcast_rows(values: Tensor, mask: Tensor) -> Tensor:
+    """float32 [B, T]: values[i] (float [B]) on row i's valid actions, 0 elsewhere."""
+    lib = library()
+    mask = _maskc(mask)
+    B, T = mask.shape
+    v = _f32c(values)
+    out = torch.empty(B, T, dtype=torch.float32)
+    _run_rows(lib.flowrl_broadcast_rows, B, T, _ptr(mask), _ptr(v), _ptr(out))
+    return out
 
 
 def gather_steps(per_step: Tensor, step: Tensor, mask: Tensor) -> Tensor:

@@ -302,6 +302,16 @@ int64_t flowrl_zero_off_mask_count_nonfinite(int64_t r0, int64_t r1, int64_t T, 
     return bad;
 }
 
+/* out[i, t] = v[i] on valid actions, 0 elsewhere (a per-trajectory value on its actions). */
+void flowrl_broadcast_rows(int64_t r0, int64_t r1, int64_t T, const uint8_t *mask, const float *v, float *out) {
+    for (int64_t i = r0; i < r1; i++) {
+        const uint8_t *m = mask + i * T;
+        float *o = out + i * T;
+        const float vi = v[i];
+        for (int64_t t = 0; t < T; t++) o[t] = m[t] ? vi : 0.0f;
+    }
+}
+
 /* out[i, t] = per[i, clamp(step[i, t], 0, S - 1)] on valid actions, 0 elsewhere (per: float [B, S], finite). */
 void flowrl_gather_steps(int64_t r0, int64_t r1, int64_t T, int64_t S, const uint8_t *mask, const int64_t *step,
                          const float *per, float *out) {
