@@ -77,7 +77,7 @@ def scan_loop(mask, a=None, b=None, coef=None, bias=None, end=None, value=None, 
 
 
 @pytest.mark.parametrize("kind", ["holes", "runs", "left"])
-@pytest.mark.parametrize("B,T", [(1, 1), (5, 3), (9, 13), (37, 64)])
+@pytest.mark.parametrize("B,T", [(1, 1), (5, 3), (16, 3), (9, 13), (37, 64)])
 def test_scan_matches_the_recurrence(gen, kind, B, T):
     mask = random_mask(gen, B, T, kind) if B > 1 else torch.zeros(B, T, dtype=torch.bool)
     a, b, V = (torch.randn(B, T, generator=gen) for _ in range(3))
