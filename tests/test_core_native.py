@@ -169,11 +169,14 @@ def test_broadcast_rows(gen):
     assert torch.equal(native.broadcast_rows(v.double(), mask), want)  # any float dtype in, float32 out
 
 
-def test_gather_and_sum_steps(gen):
-    B, T, S = 17, 31, 5
+@pytest.mark.parametrize("T,S", [(31, 5), (203, 4)])  # short runs (no 8-block inside one), long runs
+def test_gather_and_sum_steps(gen, T, S):
+    B = 17
     mask = random_mask(gen, B, T, "holes")
     step = (torch.arange(T) * S // T).expand(B, T).clone()
     step[:, -3:] = torch.tensor([-2, S, S + 7])  # out-of-range ids (padding may hold any) are clamped
+    step[1, 40:60] = 0 if T > 60 else step[1, 40:60]  # a row whose steps go back: any order is summed right
+    step[2, : T // 2] = -5 if T > 60 else step[2, : T // 2]  # a long run of an out-of-range id
     per = torch.randn(B, S, generator=gen)
     vals = torch.randn(B, T, generator=gen)
     got = native.gather_steps(per, step, mask)

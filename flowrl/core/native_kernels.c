@@ -157,6 +157,84 @@ AVX2 void row_sums_avx2(int64_t i, int64_t T, const uint8_t *mask, const float *
     out_sum[i] = st + (sv[0] + sv[1]) + (sv[2] + sv[3]);
     if (out_sq) out_sq[i] = sq + (qv[0] + qv[1]) + (qv[2] + qv[3]);
 }
+
+/* Steps come in runs along t: 8 step ids equal to the current run's are checked with two vector compares,
+   and the 8 actions are then handled as one vector; a block where the step changes goes action by action. */
+AVX2 int same_step8(const int64_t *st, int64_t cur) {
+    __m256i c = _mm256_set1_epi64x(cur);
+    __m256i e0 = _mm256_cmpeq_epi64(_mm256_loadu_si256((const __m256i *)st), c);
+    __m256i e1 = _mm256_cmpeq_epi64(_mm256_loadu_si256((const __m256i *)(st + 4)), c);
+    return _mm256_movemask_epi8(_mm256_and_si256(e0, e1)) == -1;
+}
+static inline int64_t clamp_step(int64_t s, int64_t S) { return s < 0 ? 0 : (s >= S ? S - 1 : s); }
+
+AVX2 void gather_steps_avx2(int64_t i, int64_t T, int64_t S, const uint8_t *mask, const int64_t *step,
+                            const float *per, float *out) {
+    const uint8_t *m = mask + i * T;
+    const int64_t *st = step + i * T;
+    const float *p = per + i * S;
+    float *o = out + i * T;
+    int64_t cur = T > 0 ? st[0] : 0;
+    __m256 v = _mm256_set1_ps(p[clamp_step(cur, S)]);
+    int64_t t = 0;
+    for (; t + 8 <= T; t += 8) {
+        if (same_step8(st + t, cur)) {
+            _mm256_storeu_ps(o + t, sel(mask8(m + t), v, _mm256_setzero_ps()));
+            continue;
+        }
+        for (int l = 0; l < 8; l++) o[t + l] = m[t + l] ? p[clamp_step(st[t + l], S)] : 0.0f;
+        cur = st[t + 7];
+        v = _mm256_set1_ps(p[clamp_step(cur, S)]);
+    }
+    for (; t < T; t++) o[t] = m[t] ? p[clamp_step(st[t], S)] : 0.0f;
+}
+
+AVX2 void step_sums_avx2(int64_t i, int64_t T, int64_t S, const uint8_t *mask, const int64_t *step, const float *x,
+                         float *cnt, float *tot) {
+    const uint8_t *m = mask + i * T;
+    const int64_t *st = step + i * T;
+    const float *xi = x + i * T;
+    float *c = cnt + i * S, *u = tot + i * S;
+    for (int64_t s = 0; s < S; s++) c[s] = u[s] = 0.0f;
+    int64_t cur = T > 0 ? st[0] : 0;
+    __m256 acc = _mm256_setzero_ps();
+    int n = 0;
+    float lanes[8];
+    int64_t t = 0;
+#define FLUSH_RUN()                                                                                 \
+    do {                                                                                          \
+        _mm256_storeu_ps(lanes, acc);                                                             \
+        int64_t k = clamp_step(cur, S);                                                           \
+        c[k] += (float)n;                                                                         \
+        u[k] += ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])); \
+        acc = _mm256_setzero_ps();                                                                \
+        n = 0;                                                                                    \
+    } while (0)
+    for (; t + 8 <= T; t += 8) {
+        __m256 on = mask8(m + t);
+        if (same_step8(st + t, cur)) {
+            acc = _mm256_add_ps(acc, sel(on, _mm256_loadu_ps(xi + t), _mm256_setzero_ps()));
+            n += __builtin_popcount(_mm256_movemask_ps(on));
+            continue;
+        }
+        FLUSH_RUN();
+        for (int l = 0; l < 8; l++)
+            if (m[t + l]) {
+                int64_t k = clamp_step(st[t + l], S);
+                c[k] += 1.0f;
+                u[k] += xi[t + l];
+            }
+        cur = st[t + 7];
+    }
+    FLUSH_RUN();
+#undef FLUSH_RUN
+    for (; t < T; t++)
+        if (m[t]) {
+            int64_t k = clamp_step(st[t], S);
+            c[k] += 1.0f;
+            u[k] += xi[t];
+        }
+}
 #endif
 
 static int simd_mode = -1; /* -1: use AVX2 when the CPU has it; 0: never */
@@ -315,6 +393,12 @@ void flowrl_broadcast_rows(int64_t r0, int64_t r1, int64_t T, const uint8_t *mas
 /* out[i, t] = per[i, clamp(step[i, t], 0, S - 1)] on valid actions, 0 elsewhere (per: float [B, S], finite). */
 void flowrl_gather_steps(int64_t r0, int64_t r1, int64_t T, int64_t S, const uint8_t *mask, const int64_t *step,
                          const float *per, float *out) {
+#ifdef FLOWRL_AVX2
+    if (flowrl_simd(-1)) {
+        for (int64_t i = r0; i < r1; i++) gather_steps_avx2(i, T, S, mask, step, per, out);
+        return;
+    }
+#endif
     for (int64_t i = r0; i < r1; i++) {
         const uint8_t *m = mask + i * T;
         const int64_t *st = step + i * T;
@@ -333,6 +417,12 @@ void flowrl_gather_steps(int64_t r0, int64_t r1, int64_t T, int64_t S, const uin
    and ``SCAN_ROWS`` rows go together (one row's adds would wait on each other). */
 void flowrl_step_sums(int64_t r0, int64_t r1, int64_t T, int64_t S, const uint8_t *mask, const int64_t *step,
                       const float *x, float *cnt, float *tot) {
+#ifdef FLOWRL_AVX2
+    if (flowrl_simd(-1)) {
+        for (int64_t i = r0; i < r1; i++) step_sums_avx2(i, T, S, mask, step, x, cnt, tot);
+        return;
+    }
+#endif
     for (int64_t i = r0; i < r1; i++)
         for (int64_t s = 0; s < S; s++) cnt[i * S + s] = tot[i * S + s] = 0.0f;
     for (int64_t i0 = r0; i0 < r1; i0 += SCAN_ROWS) {
