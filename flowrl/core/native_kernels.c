@@ -14,7 +14,9 @@
    x86-64 CPUs with AVX2 and FMA (checked at run time; ``flowrl_simd(0)`` forces the portable code, for tests)
    step eight rows at once in the eight lanes of a vector: an 8 x 8 tile of each input (8 rows x 8 actions) is
    loaded row by row and transposed in registers, the recurrence runs over the tile's 8 columns with one
-   vector per column, and the outputs are transposed back. Same arithmetic as the portable code, lane by lane. */
+   vector per column, and the outputs are transposed back; row sums and the per-step kernels take 8 actions per
+   vector. The same formulas as the portable code; the last bits may differ (fused multiply-adds, the order of
+   sums), and rows are assigned to code paths in blocks of 8, so results do not depend on the thread count. */
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define FLOWRL_AVX2 1
 #include <immintrin.h>
