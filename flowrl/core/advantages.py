@@ -255,10 +255,7 @@ def reinforce_pp(batch: TrajectoryBatch, *, kl_coef: float = 0.0, gamma: float =
         raise ValueError(f"kl_coef={kl_coef} needs batch.ref_logp (reference log-probs), which is not set")
     if native.usable(batch.old_logp, batch.ref_logp, batch.mask):
         # one fused pass: r_t = kl (ref - old)_t + [t last] r, the discounted scan and the whitening's sums
-        kl = torch.full((batch.batch_size,), kl_coef) if kl_coef != 0.0 else None
-        returns, rs, rq = native.scan(batch.mask, a=batch.ref_logp if kl is not None else None,
-                                      b=batch.old_logp if kl is not None else None, coef=kl, end=batch.outcome,
-                                      c=gamma, stats=True)
+        returns, rs, rq = _native_token_scan(batch, kl_coef=kl_coef, c=gamma, stats=True)
         return whiten_zeroed_(returns, batch.mask, eps=eps, row_sums=(rs, rq))
     counts, first, last = mask_runs(batch.mask)
     if kl_coef != 0.0:  # scan (ref - old + r / kl) scaled by kl: one pass fewer than scaling the KL term
@@ -324,12 +321,20 @@ def _gae_advantages(batch: TrajectoryBatch, *, gamma: float, lam: float, kl_coef
         raise ValueError(f"kl_coef={kl_coef} needs batch.ref_logp (reference log-probs), which is not set")
     mask = batch.mask
     if native.usable(batch.value, batch.old_logp, batch.ref_logp, mask):  # one fused pass, any layout
-        kl = torch.full((batch.batch_size,), kl_coef) if kl_coef != 0.0 else None
-        adv, rs, rq = native.scan(mask, a=batch.ref_logp if kl is not None else None,
-                                  b=batch.old_logp if kl is not None else None, coef=kl, end=batch.outcome,
-                                  value=batch.value, gamma=gamma, c=gamma * lam, stats=row_sums)
+        adv, rs, rq = _native_token_scan(batch, kl_coef=kl_coef, value=batch.value, gamma=gamma, c=gamma * lam,
+                                         stats=row_sums)
         return adv, ((rs, rq) if row_sums else None)
     return _gae_advantages_torch(batch, gamma=gamma, lam=lam, kl_coef=kl_coef), None
+
+
+def _native_token_scan(batch: TrajectoryBatch, *, kl_coef: float, c: float, stats: bool, value: Tensor | None = None,
+                       gamma: float = 1.0) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """REINFORCE++'s returns (no ``value``, c = gamma) or GAE (c = gamma lambda) in one native pass: the reward
+    kl (ref - old)_t + [t last] outcome, the critic's delta, the scan over valid actions, and the rows' sums."""
+    kl = torch.full((batch.batch_size,), kl_coef) if kl_coef != 0.0 else None
+    return native.scan(batch.mask, a=batch.ref_logp if kl is not None else None,
+                       b=batch.old_logp if kl is not None else None, coef=kl, end=batch.outcome, value=value,
+                       gamma=gamma, c=c, stats=stats)
 
 
 def _gae_advantages_torch(batch: TrajectoryBatch, *, gamma: float, lam: float, kl_coef: float) -> Tensor:

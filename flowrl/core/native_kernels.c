@@ -10,6 +10,9 @@
 #include <math.h>
 #include <stdint.h>
 
+/* A step id clamped to [0, S - 1] (padding may hold any id). */
+static inline int64_t clamp_step(int64_t s, int64_t S) { return s < 0 ? 0 : (s >= S ? S - 1 : s); }
+
 /* ---------------------------------------------------------------------------------------------- AVX2 paths
    x86-64 CPUs with AVX2 and FMA (checked at run time; ``flowrl_simd(0)`` forces the portable code, for tests)
    step eight rows at once in the eight lanes of a vector: an 8 x 8 tile of each input (8 rows x 8 actions) is
@@ -168,7 +171,6 @@ AVX2 int same_step8(const int64_t *st, int64_t cur) {
     __m256i e1 = _mm256_cmpeq_epi64(_mm256_loadu_si256((const __m256i *)(st + 4)), c);
     return _mm256_movemask_epi8(_mm256_and_si256(e0, e1)) == -1;
 }
-static inline int64_t clamp_step(int64_t s, int64_t S) { return s < 0 ? 0 : (s >= S ? S - 1 : s); }
 
 AVX2 void gather_steps_avx2(int64_t i, int64_t T, int64_t S, const uint8_t *mask, const int64_t *step,
                             const float *per, float *out) {
@@ -407,7 +409,7 @@ void flowrl_gather_steps(int64_t r0, int64_t r1, int64_t T, int64_t S, const uin
         const float *p = per + i * S;
         float *o = out + i * T;
         for (int64_t t = 0; t < T; t++) {
-            int64_t k = st[t] < 0 ? 0 : (st[t] >= S ? S - 1 : st[t]);
+            int64_t k = clamp_step(st[t], S);
             o[t] = m[t] ? p[k] : 0.0f;
         }
     }
@@ -438,7 +440,7 @@ void flowrl_step_sums(int64_t r0, int64_t r1, int64_t T, int64_t S, const uint8_
         for (int64_t t = 0; t < T; t++) {
             for (int k = 0; k < NR; k++) {
                 int64_t at = (i0 + k) * T + t, st = step[at];
-                int64_t s = st < 0 ? 0 : (st >= S ? S - 1 : st);
+                int64_t s = clamp_step(st, S);
                 int on = mask[at] != 0;
                 if (on && s != cur[k]) { /* flush the finished run */
                     cnt[(i0 + k) * S + cur[k]] += c[k];
