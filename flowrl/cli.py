@@ -15,12 +15,29 @@ def _version(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registries() -> list[str]:
+    """One line per plug-in kind: the names a config may use."""
+    from flowrl.core import ADVANTAGES, LOSSES
+    from flowrl.pipelines.registry import pipeline_names
+    from flowrl.rewards import PROCESS_REWARDS, REWARDS
+    from flowrl.train.algorithms import ALGORITHMS
+
+    return [f"algorithm: {', '.join(ALGORITHMS.names())}",
+            f"advantage.estimator: {', '.join(sorted(ADVANTAGES))}",
+            f"loss.name: {', '.join(sorted(LOSSES))}",
+            f"flow.model: {', '.join(pipeline_names('flow'))}",
+            f"llm.model: {', '.join(pipeline_names('llm'))}, or a transformers causal LM (hub id or local directory)",
+            f"rewards: {', '.join(sorted(REWARDS))}",
+            f"process rewards: {', '.join(sorted(PROCESS_REWARDS))}"]
+
+
 def _train(args: argparse.Namespace) -> int:
     from flowrl.config import ConfigError, describe, load
     from flowrl.train.config import TrainConfig
 
     if args.help_config:
         print("\n".join(describe(TrainConfig)))
+        print("\nregistered names:\n  " + "\n  ".join(_registries()))
         return 0
     if args.config is None:
         print("flowrl train: give a CONFIG file (e.g. configs/digits/flow_grpo.yaml)", file=sys.stderr)
@@ -32,10 +49,17 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     from pathlib import Path
 
-    from flowrl.train.loop import train
+    from flowrl.rewards import MissingWeightsError
+    from flowrl.train.algorithms import ALGORITHMS
+    from flowrl.train.checkpoint import CheckpointError
+    from flowrl.train.loop import TrainingDiverged, train
 
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    result = train(cfg, out, resume=args.resume)
+    try:  # the algorithm's registered factory builds the task; the loop only runs it
+        result = train(cfg, out, resume=args.resume, build_task=ALGORITHMS[cfg.algorithm].build_task)
+    except (CheckpointError, TrainingDiverged, MissingWeightsError) as e:  # the user's to fix: one line, no traceback
+        print(f"flowrl train: {e}", file=sys.stderr)
+        return 2
     if int(os.environ.get("RANK", "0")) == 0:
         summary = ", ".join(f"{k}={v:.4f}" for k, v in result.items() if isinstance(v, float))
         print(f"done: {out}/report.md ({summary})")

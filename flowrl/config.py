@@ -130,6 +130,8 @@ def from_dict(cls: type[T], data: dict, *, path: str = "") -> T:
     kwargs = {k: _coerce(v, hints[k], _join(path, k)) for k, v in data.items()}
     try:
         return cls(**kwargs)
+    except ValueError as e:  # a range or cross-field check of the section's __post_init__ ("key=value: why")
+        raise ConfigError(f"{path}.{e}" if path else str(e)) from None
     except TypeError as e:  # a required field without a default
         raise ConfigError(f"{path or cls.__name__}: {e}") from None
 
@@ -200,6 +202,19 @@ def _deep_merge(base: dict, top: dict) -> dict:
     for k, v in top.items():
         out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def check(ok: bool, message: str) -> None:
+    """Raise ValueError(``message``) unless ``ok``: a config section's ``__post_init__`` states its ranges with it."""
+    if not ok:
+        raise ValueError(message)
+
+
+def finite(x: float) -> bool:
+    """Whether ``x`` is a finite number (not NaN, not +-inf)."""
+    import math
+
+    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def describe(cls: type, prefix: str = "") -> list[str]:

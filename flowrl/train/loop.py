@@ -1,72 +1,47 @@
 """The one training loop: rollout -> score -> advantages -> minibatch updates -> log / evaluate / checkpoint.
 
-A *task* supplies what depends on the model family (flow: ``flowrl.train.flow_task``; LLM: its own
-task); everything else is here, once. Read one iteration top to bottom in :func:`train`.
+A *task* (:class:`flowrl.train.task.Task`) supplies what depends on the model family and the registered
+*algorithm* (:mod:`flowrl.train.algorithms`) what depends on the method; everything else is here, once. Read
+one iteration top to bottom in :func:`train`. The loop never names a concrete task: it is handed one (or
+a factory), or asks the algorithm registry for the factory of ``cfg.algorithm``.
 
 Determinism: every random draw of iteration ``it`` (prompts, rollout noise, minibatch order) comes
-from generators seeded with ``(seed, it, rank)``, so a run killed after iteration k and resumed from
-its checkpoint continues exactly as the uninterrupted run (the resume test checks the metrics).
+from generators seeded with ``(seed, it, rank)`` (:func:`flowrl.train.task.iteration_generator`), so a run
+killed after iteration k and resumed from its checkpoint continues exactly as the uninterrupted run.
+
+Failures: a non-finite gradient norm or non-finite weights after an update stop the run with
+:class:`TrainingDiverged`, naming the iteration, before anything is checkpointed, so the newest checkpoint
+on disk is the last good one.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional
 
 import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from flowrl.config import to_dict
-from flowrl.core import TrajectoryBatch, compute_advantages, zero_variance_filter
+from flowrl.core import compute_advantages, zero_variance_filter
 from flowrl.train.checkpoint import (
     CheckpointError, config_fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint,
 )
 from flowrl.train.config import TrainConfig
 from flowrl.train.ema import EMA
 from flowrl.train.metrics_log import MetricsLogger, plot_curves
+from flowrl.train.task import Task, iteration_generator
 
 # Keys that may change between a run and its resume (they do not change what an iteration computes).
 RESUMABLE_KEYS = ("iterations", "max_minutes", "progress", "save_every", "trackers")
 
 
-@dataclasses.dataclass
-class Rollout:
-    """What a task's rollout hands to the loop: the batch (rewards filled, no advantages yet), the
-    model-specific tensors beside it (``side``, read only by the task) and metrics of the rollout."""
-
-    batch: TrajectoryBatch
-    side: Any
-    metrics: dict[str, float]
-
-
-class Task(Protocol):
-    """The model-family half of training. ``module`` is what the optimiser updates."""
-
-    module: torch.nn.Module
-
-    def rollout(self, it: int, generator: torch.Generator) -> Rollout: ...
-
-    def prepare_update(self, rollout: Rollout, batch: TrajectoryBatch, adv: Tensor, it: int) -> tuple[Tensor, dict]:
-        """Hook before the updates (e.g. train a critic); may replace the advantages. Returns (adv, metrics)."""
-        ...
-
-    def backward(self, rollout: Rollout, index: Tensor, batch: TrajectoryBatch, adv: Tensor, it: int) -> dict: ...
-
-    def evaluate(self, step: int, out_dir: Path) -> dict[str, float]: ...
-
-    def extra_state(self) -> dict[str, Tensor]: ...
-
-    def load_extra_state(self, state: dict[str, Tensor]) -> None: ...
-
-    def export(self, out_dir: Path) -> None: ...
-
-
-def iteration_generator(seed: int, it: int, rank: int, salt: int = 0) -> torch.Generator:
-    """A CPU generator for iteration ``it`` of rank ``rank`` (independent streams by ``salt``)."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + it) * 7919 + rank) * 31 + salt)
+class TrainingDiverged(RuntimeError):
+    """The loss, the gradients or the weights became NaN or infinite; the run stops, keeping its last good
+    checkpoint."""
 
 
 def _mean_metrics(rows: list[dict]) -> dict[str, float]:
@@ -128,8 +103,13 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, task: Optional[Task] = None,
-          accelerator=None) -> dict[str, float]:
-    """Run ``cfg`` into ``out_dir``; returns the last evaluation's metrics."""
+          build_task: Optional[Callable[[TrainConfig, Any], Task]] = None, accelerator=None) -> dict[str, float]:
+    """Run ``cfg`` into ``out_dir``; returns the last evaluation's metrics.
+
+    The task is ``task`` when given, else ``build_task(cfg, accelerator)``, else the factory that the
+    algorithm registered under ``cfg.algorithm`` provides. The run directory is checked (resume or not,
+    same config) before the task is built, so a mismatch costs no model load.
+    """
     out_dir = Path(out_dir)
     torch.set_num_threads(cfg.threads)
     fingerprint, ckpt = check_run_dir(out_dir, cfg, resume)
@@ -138,8 +118,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, task: 
     acc = accelerator if accelerator is not None else make_accelerator(cfg, out_dir)
     rank, main = acc.process_index, acc.is_main_process
     if task is None:
-        from flowrl.train.tasks import build_task
+        if build_task is None:
+            from flowrl.train.algorithms import ALGORITHMS
 
+            build_task = ALGORITHMS[cfg.algorithm].build_task
         task = build_task(cfg, acc)
     params = [p for p in task.module.parameters() if p.requires_grad]
     if not params:
@@ -147,8 +129,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, task: 
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay)
     module, optimizer = acc.prepare(task.module, optimizer)
-    if hasattr(task, "set_forward_module"):
-        task.set_forward_module(module)  # forward through the DDP/FSDP wrapper so gradients are synchronised
+    task.set_forward_module(module)  # forward through the DDP/FSDP wrapper so gradients are synchronised
     ema = EMA(params, decay=cfg.ema.decay) if cfg.ema.enabled else None
 
     start = 0
@@ -204,6 +185,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, task: 
         t_roll = time.time() - t0
 
         rows = []
+        updates = 0
         for epoch in range(cfg.updates_per_rollout):
             gen = iteration_generator(cfg.seed, it, rank, salt=1 + epoch)
             for idx, mb in batch.minibatches(cfg.minibatches, gen):
@@ -211,8 +193,13 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, task: 
                 m = task.backward(roll, idx, mb, adv[idx], it)
                 if cfg.optim.grad_clip > 0:
                     m["grad_norm"] = float(acc.clip_grad_norm_(params, cfg.optim.grad_clip))
+                    if not math.isfinite(m["grad_norm"]):
+                        raise TrainingDiverged(_diverged(it, "the gradient norm is " + str(m["grad_norm"]), out_dir))
                 optimizer.step()
-                if ema is not None:
+                updates += 1
+                if not _all_finite(params):
+                    raise TrainingDiverged(_diverged(it, "the weights hold NaN or inf after the update", out_dir))
+                if ema is not None and updates % cfg.ema.every == 0:
                     ema.update(params)
                 rows.append(m)
         metrics.update(_mean_metrics(rows))
@@ -238,6 +225,19 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, task: 
     acc.wait_for_everyone()
     acc.end_training()
     return last_eval
+
+
+def _all_finite(params: list[torch.Tensor]) -> bool:
+    """Whether every trained weight is finite: one norm per tensor, one host sync per update."""
+    norms = torch._foreach_norm([p.detach() for p in params])
+    return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+
+
+def _diverged(it: int, why: str, out_dir: Path) -> str:
+    ckpt = latest_checkpoint(out_dir / "checkpoints")
+    kept = f"the last good checkpoint is {ckpt.path}" if ckpt is not None else "no checkpoint was written yet"
+    return (f"training diverged at iteration {it + 1}: {why}; stopped before checkpointing ({kept}). "
+            "Lower optim.lr, set optim.grad_clip, or check the rewards")
 
 
 def _curve_keys(out_dir: Path) -> list[str]:
