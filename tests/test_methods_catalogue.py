@@ -1,6 +1,7 @@
-"""docs/methods.md must list every seed paper once and name only primitives that exist.
+"""docs/methods.md must list every paper of docs/papers.txt once and name only primitives that exist.
 
-The seed list is a text dump of a paper-listing web page (shared/seed/papers.txt, beside the repository in CI).
+The paper list (docs/papers.txt, shipped in the repository so a clone tests with nothing beside it) is a text
+dump of a paper-listing web page.
 A paper there is an abstract (one long line) preceded by its title (the previous non-empty line); everything
 else (author counts, dates, page furniture) is short. The catalogue is a set of Markdown tables whose rows start
 with a running number; the Status cell starts with **implemented**, **recipe** or **out of scope**.
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PAPERS = Path(__file__).resolve().parents[2] / "shared/seed/papers.txt"
+PAPERS = REPO / "docs/papers.txt"
 CATALOGUE = REPO / "docs/methods.md"
 STATUSES = ("implemented", "recipe", "out of scope")
 ABSTRACT_MIN_CHARS = 500  # the shortest abstract in the dump has ~1,370 characters; titles stay under ~130
@@ -29,12 +30,9 @@ def norm(text: str) -> str:
     return " ".join(re.sub(r"\\(.)", r"\1", text).split())
 
 
-def seed_titles() -> list[str]:
+def paper_titles() -> list[str]:
     if not PAPERS.is_file():
-        pytest.fail(
-            f"seed paper list not found at {PAPERS}: the catalogue test reads shared/seed/papers.txt, "
-            "which must sit beside the repository checkout (as it does in CI)"
-        )
+        pytest.fail(f"paper list not found at {PAPERS}: the catalogue test reads docs/papers.txt")
     lines = [l.strip() for l in PAPERS.read_text(encoding="utf-8").splitlines() if l.strip()]
     titles = []
     for prev, line in zip(lines, lines[1:]):
@@ -90,22 +88,22 @@ def core_namespace() -> tuple[set[str], list[str]]:
     return names, errors
 
 
-def test_seed_list_parses_into_unique_titles():
-    titles = seed_titles()
+def test_paper_list_parses_into_unique_titles():
+    titles = paper_titles()
     assert len(titles) > 0, f"no paper found in {PAPERS}"
     dup = [t for t, c in collections.Counter(titles).items() if c > 1]
-    assert not dup, f"titles appear twice in the seed list: {dup}"
+    assert not dup, f"titles appear twice in the paper list: {dup}"
 
 
-def test_one_row_per_seed_paper():
-    titles, rows = seed_titles(), catalogue_rows()
+def test_one_row_per_paper():
+    titles, rows = paper_titles(), catalogue_rows()
     assert len(rows) == len(titles), f"{len(rows)} catalogue rows for {len(titles)} papers in {PAPERS}"
     assert [int(r["#"]) for r in rows] == list(range(1, len(rows) + 1)), "rows must be numbered 1..N in order"
     have = collections.Counter(r["title"] for r in rows)
     missing = sorted(set(titles) - set(have))
     extra = sorted(set(have) - set(titles))
     twice = sorted(t for t, c in have.items() if c > 1)
-    assert not (missing or extra or twice), f"missing: {missing}\nnot in the seed list: {extra}\ntwice: {twice}"
+    assert not (missing or extra or twice), f"missing: {missing}\nnot in the paper list: {extra}\ntwice: {twice}"
 
 
 def test_summary_counts_match_rows():
