@@ -1,9 +1,11 @@
 """Client of the reward server (:mod:`flowrl.rewards.server`), with the interface of a local reward.
 
 ``RemoteReward(url)(samples, prompts, meta) -> dict[str, float [B]]`` sends the batch (images/video as a
-raw ``.npy`` array after a JSON header, or PNGs; text as JSON), retries connection failures, 5xx and 429 answers with exponential
-back-off (``backoff * 2**i`` seconds, ``retries`` times) and then raises :class:`RewardError`; a 4xx
-answer is the request's fault and raises at once with the server's message.
+raw ``.npy`` array after a JSON header, or PNGs; text as JSON), retries what may pass: connection
+failures and 5xx answers (the server's fault; 503 busy, after at least its ``Retry-After`` seconds), with
+exponential back-off (``backoff * 2**i`` seconds, ``retries`` times), and then raises :class:`RewardError`.
+A 4xx answer is the request's fault (malformed, too large, or its scoring ran past the server's
+``timeout_s``: 422) and raises at once with the server's message; retrying it would fail the same way.
 """
 from __future__ import annotations
 
@@ -20,9 +22,11 @@ import torch
 from torch import Tensor
 
 from .base import Reward, RewardError, register_reward, to_image_tensor
-from .server import BINARY_TYPE, JSON_TYPE, decode_array, encode_array, encode_png, npy_bytes
+from .server_http import BINARY_TYPE, JSON_TYPE
+from .wire import decode_array, encode_array, encode_png, npy_bytes
 
-RETRY_STATUS = (429, 500, 502, 503, 504)
+RETRY_STATUS = (500, 502, 503, 504)  # 5xx only: a 4xx fails the same way again
+MAX_RETRY_AFTER_S = 60.0
 
 
 @register_reward("remote")
@@ -63,10 +67,11 @@ class RemoteReward(Reward):
             headers["Content-Type"] = content_type
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        last = ""
+        last, wait_at_least = "", 0.0
         for attempt in range(self.retries + 1):  # bounded
             if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+                time.sleep(max(self.backoff * 2 ** (attempt - 1), wait_at_least))
+            wait_at_least = 0.0
             req = urllib.request.Request(self.url + path, data=body, headers=headers, method="POST" if body is not None else "GET")
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
@@ -77,6 +82,9 @@ class RemoteReward(Reward):
                 except Exception:
                     msg = e.reason
                 last = f"HTTP {e.code}: {msg}"
+                retry_after = (e.headers.get("Retry-After") or "").strip() if e.headers is not None else ""
+                if retry_after.isdigit():
+                    wait_at_least = min(float(retry_after), MAX_RETRY_AFTER_S)
                 if e.code not in RETRY_STATUS:
                     raise RewardError(f"reward server {self.url}{path} refused the request: {last}") from None
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:

@@ -292,7 +292,13 @@ class DeadlinePool:
         """("ok", value) | ("err", type, message, chain, detail) | ("timeout",) | ("crash", message);
         kills and replaces ``w`` on timeout or crash, returns it to the free queue otherwise."""
         try:
-            w.conn.send_bytes(pickle.dumps((fn, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL))
+            task = pickle.dumps((fn, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+        except BaseException:  # arguments that do not pickle: the worker stays free and unharmed
+            self._free.put(w)
+            raise
+        try:
+            w.conn.send_bytes(task)
+            del task
             if not w.conn.poll(timeout_s):
                 self._retire(w)
                 return ("timeout",)

@@ -1,10 +1,10 @@
-"""The reward server: any reward (or several) behind HTTP, standard library only (``http.server``).
+"""The reward server: any reward (or several) behind HTTP.
 
 ``flowrl serve-reward CONFIG`` runs it; :class:`flowrl.rewards.client.RemoteReward` is the client with
 the same interface as a local reward. It binds to 127.0.0.1 by default; any other address needs a bearer
-token, and then every request must carry ``Authorization: Bearer <token>``.
+token, and then every request must carry ``Authorization: Bearer <token>`` (the scheme in any case).
 
-Wire format (JSON; nothing is unpickled)::
+Wire format (JSON; nothing is unpickled; encoders and size-checked decoders in :mod:`flowrl.rewards.wire`)::
 
     POST /score   Content-Type: application/json
       {"prompts": [str] * B,
@@ -17,44 +17,60 @@ Wire format (JSON; nothing is unpickled)::
       [8-byte big-endian n][n bytes of JSON {"prompts": [...], "meta": {...}}][.npy bytes of the samples]
     GET /health -> 200 {"ok": true, "name": str, "rewards": {name: weight}, "limits": {...}}
 
-Errors are JSON ``{"error": message}`` with a 4xx status (400 malformed, 401 token, 404 path, 405 method,
-411 no length, 413 too large, 415 content type, 422 invalid content) or 500 (the reward failed) / 504 (the
-time limit passed); the server keeps serving. ``.npy`` arrays are read with ``np.load(allow_pickle=False)``
-and must be bool, int, uint or float; PNGs are size-checked before decoding.
+Statuses. 4xx: the request's fault, the client must not retry it: 400 malformed (JSON, base64, .npy,
+PNG, nesting too deep, a Content-Length that is not one plain number), 401 token, 404 path, 405 method,
+408 the request was not received within ``request_timeout_s``, 411 no Content-Length, 413 too large
+(body, batch, pixels), 415 content type, 422 invalid content (shapes, channels, dtypes, values, an input
+the reward refuses with ValueError/TypeError) **and a request whose scoring ran past ``timeout_s``**: the
+same input would run away again, so a retry only burns another ``timeout_s``. 5xx: the server's fault, worth
+retrying: 500 the reward failed otherwise (out of memory, a crashed worker, a missing model file), 503
+busy (``max_pending`` requests already wait for a worker; with ``Retry-After``). Every answer other than
+200 closes the connection, so an unread or partly read body is never parsed as a next request.
+
+How it holds up. Rewards run in worker processes (:class:`flowrl.rewards.deadline.DeadlinePool`, built
+from the config inside each worker) that are SIGKILLed at ``timeout_s`` and replaced, so a runaway reward
+(``9**9**9`` holds the GIL; a thread timer never fires) neither freezes ``/health`` nor outlives its
+deadline. Each connection has a thread, at most ``max_connections`` of them; further connections wait in a
+listen backlog of 1024 (the kernel caps it at ``net.core.somaxconn``), not reset. Each request must arrive
+whole (request line, headers, body) within ``request_timeout_s`` of its first byte, whatever the pace of
+the bytes; a kept-alive connection idle for ``idle_timeout_s`` is closed. Every limit is checked when the
+server is built. Memory per request is bounded by ``max_body_bytes`` and, once decoded, about 12 bytes
+per pixel of ``max_total_pixels`` (float32 RGB), for at most ``max_pending`` requests at a time.
+
+Why the standard library and not uvicorn/starlette or hypercorn: each fix above is a few lines on
+``http.server`` and is tested here; an asyncio server would still need its own whole-request deadline
+(uvicorn has no timeout on a request's head) and its own process pool for the deadline kill, and it would
+add three dependencies to every install that only serves a reward on loopback.
 """
 from __future__ import annotations
 
-import base64
-import binascii
-import concurrent.futures as cf
-import hmac
-import io
 import ipaddress
 import json
+import math
 import struct
 import threading
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from .base import CombinedReward, Reward, build_rewards
+from .deadline import DeadlineExceeded, DeadlinePool, WorkerError
+from .server_http import BINARY_TYPE, JSON_TYPE, LISTEN_BACKLOG, HTTPServer  # noqa: F401
+from .wire import (  # noqa: F401  (encoders re-exported: the client and older callers import them from here)
+    RequestError,
+    check_images,
+    decode_array,
+    decode_npy_bytes,
+    decode_pngs,
+    encode_array,
+    encode_png,
+    npy_bytes,
+)
 
 LOOPBACK_NAMES = ("localhost",)
-JSON_TYPE = "application/json"
-BINARY_TYPE = "application/x-flowrl-npy"  # [8-byte big-endian n][n bytes JSON {prompts, meta}][.npy samples]
-DRAIN_BYTES = 256 * 2**20  # an oversized body up to this size is read and dropped before the 413
-
-
-class RequestError(Exception):
-    """A request the server refuses: ``status`` (4xx) and a message for the client."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
+MAX_META_DEPTH = 32
+INPUT_ERRORS = ("ValueError", "TypeError", "IndexError", "KeyError", "UnicodeError", "RequestError")
 
 
 def is_loopback(host: str) -> bool:
@@ -67,126 +83,127 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-# --------------------------------------------------------------------------------------------- encoding
-def encode_array(a: Any) -> dict:
-    """{"npy": base64 of the .npy bytes} of a tensor or array (bool/int/uint/float only)."""
-    return {"npy": base64.b64encode(npy_bytes(a)).decode("ascii")}
-
-
-def npy_bytes(a: Any) -> bytes:
-    """The .npy bytes of a tensor or array (bool/int/uint/float only)."""
-    arr = a.detach().cpu().numpy() if isinstance(a, Tensor) else np.asarray(a)
-    if arr.dtype.kind not in "biuf":
-        raise TypeError(f"only bool, int, uint and float arrays travel; got dtype {arr.dtype}")
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
-
-
-def decode_npy_bytes(raw: bytes, what: str) -> np.ndarray:
-    """The array in .npy bytes, read with allow_pickle=False; RequestError(400/422) otherwise."""
-    try:
-        arr = np.load(io.BytesIO(raw), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise RequestError(400, f"{what}: not a .npy array without pickle ({type(e).__name__}: {e})")
-    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "biuf":
-        raise RequestError(422, f"{what}: dtype {getattr(arr, 'dtype', None)} not allowed; use bool, int, uint or float")
-    return arr
-
-
-def decode_array(obj: Any, what: str) -> np.ndarray:
-    """The array of {"npy": base64}; RequestError(400/422) for anything else. Never unpickles."""
-    if not isinstance(obj, Mapping) or set(obj) != {"npy"} or not isinstance(obj["npy"], str):
-        raise RequestError(400, f"{what}: expected {{\"npy\": base64 string}}")
-    try:
-        raw = base64.b64decode(obj["npy"], validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise RequestError(400, f"{what}: not a base64 .npy array without pickle ({type(e).__name__}: {e})")
-    return decode_npy_bytes(raw, what)
-
-
-def encode_png(img: Tensor) -> str:
-    """base64 PNG of one image float [C, H, W] in [0, 1] (C = 1 or 3), rounded to uint8."""
-    from PIL import Image
-
-    u8 = (img.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-    arr = u8[0].numpy() if u8.shape[0] == 1 else u8.permute(1, 2, 0).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def decode_pngs(items: Any, max_pixels: int) -> Tensor:
-    """float [B, C, H, W] in [0, 1] from a list of base64 PNGs of one size and mode (L or RGB)."""
-    from PIL import Image
-
-    if not isinstance(items, list) or not items or not all(isinstance(s, str) for s in items):
-        raise RequestError(400, "samples.png: expected a non-empty list of base64 PNG strings")
-    arrs = []
-    for i, s in enumerate(items):  # one image at a time: PIL decodes one
-        try:
-            im = Image.open(io.BytesIO(base64.b64decode(s, validate=True)))
-            if im.format != "PNG":
-                raise RequestError(415, f"samples.png[{i}]: a {im.format} image, expected PNG")
-            if im.width * im.height > max_pixels:
-                raise RequestError(413, f"samples.png[{i}]: {im.width}x{im.height} pixels > limit {max_pixels}")
-            if im.mode not in ("L", "RGB"):
-                im = im.convert("RGB")
-            arrs.append(np.asarray(im, dtype=np.uint8))
-        except RequestError:
-            raise
-        except Exception as e:
-            raise RequestError(400, f"samples.png[{i}]: not a decodable base64 PNG ({type(e).__name__}: {e})")
-    if len({a.shape for a in arrs}) != 1:
-        raise RequestError(422, f"samples.png: images differ in size/mode {sorted({a.shape for a in arrs})}")
-    x = torch.from_numpy(np.stack(arrs)).float() / 255.0
-    return x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2).contiguous()
+def _depth(obj: Any) -> int:
+    """Nesting depth of a JSON value, without recursion."""
+    best, stack = 0, [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        best = max(best, d)
+        if d > MAX_META_DEPTH:
+            break
+        if isinstance(o, dict):
+            stack.extend((v, d + 1) for v in o.values())
+        elif isinstance(o, list):
+            stack.extend((v, d + 1) for v in o)
+    return best
 
 
 @dataclass
 class Limits:
-    """Request limits: body bytes, samples per request, seconds per request, pixels per PNG."""
+    """Request limits, each checked > 0 (and finite) when built.
+
+    max_body_bytes: bytes of one request body. max_batch: samples per request. timeout_s: seconds one
+    request may spend scoring before its worker is killed (answer 422). max_pixels: pixels of one PNG.
+    max_total_pixels: pixels (B * F * H * W) of one request's images after decoding. request_timeout_s:
+    seconds for a whole request to arrive after its first byte. idle_timeout_s: seconds a kept-alive
+    connection may wait for its next request. max_connections: connections served at once (more wait in
+    the backlog). max_pending: requests scoring or waiting for a worker (more get 503).
+    """
 
     max_body_bytes: int = 64 * 2**20
     max_batch: int = 256
     timeout_s: float = 120.0
     max_pixels: int = 4096 * 4096
+    max_total_pixels: int = 2**26
+    request_timeout_s: float = 60.0
+    idle_timeout_s: float = 15.0
+    max_connections: int = 64
+    max_pending: int = 64
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type in ("int", int):
+                if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                    raise ValueError(f"reward server: limits.{f.name} must be an integer > 0; got {v!r}")
+            elif isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                raise ValueError(f"reward server: limits.{f.name} must be a finite number of seconds > 0; got {v!r}")
+
+
+# --------------------------------------------------------------------------------------------- worker side
+_WORKER: dict = {}
+
+
+def _build_in_worker(kind: str, payload: Any) -> None:
+    """Initializer of each scoring worker: build the rewards from their config (or take the given object)."""
+    from .base import CombinedReward, build_rewards
+
+    if kind == "spec":
+        _WORKER["combined"] = build_rewards(payload)
+    elif isinstance(payload, CombinedReward):
+        _WORKER["combined"] = payload
+    else:
+        _WORKER["combined"] = CombinedReward({payload.name: payload}, {payload.name: 1.0})
+
+
+def _describe_in_worker() -> dict:
+    return {k: float(v) for k, v in _WORKER["combined"].weights.items()}
+
+
+def _score_in_worker(samples: Any, prompts: list, meta: Optional[dict], total_name: Optional[str]) -> dict:
+    comb = _WORKER["combined"]
+    parts = comb(samples, prompts, meta)
+    if total_name is not None:
+        parts[total_name], _, _ = comb.combine(parts)
+    return dict(parts)
 
 
 # --------------------------------------------------------------------------------------------- server
 class RewardServer:
-    """Serve ``reward`` (a Reward or a CombinedReward) over HTTP on ``host:port`` (port 0: any free port).
+    """Serve ``reward`` (a Reward, a CombinedReward, or a ``build_rewards`` config mapping, which is built
+    in the workers only) over HTTP on ``host:port`` (port 0: any free port).
 
-    Non-loopback ``host`` requires ``token``. ``workers`` reward calls run at once (default 1: one model,
-    requests queue); each must finish within ``limits.timeout_s`` or gets 504. Use ``start()`` /
-    ``stop()`` (a background thread) or ``serve_forever()``.
+    Non-loopback ``host`` requires ``token``. ``workers`` scoring processes (default 1: one model copy;
+    requests queue). Use ``start()`` / ``stop()`` (a background thread) or ``serve_forever()``.
     """
 
     def __init__(self, reward: Any, *, host: str = "127.0.0.1", port: int = 0, token: Optional[str] = None,
-                 limits: Optional[Limits] = None, workers: int = 1, name: Optional[str] = None):
+                 limits: Optional[Limits] = None, workers: int = 1, name: Optional[str] = None,
+                 start_method: Optional[str] = None):
         if not is_loopback(host) and not token:
             raise ValueError(f"reward server: binding to {host!r} (not loopback) requires a bearer token; "
                              "give --token-env NAME with the token in that environment variable")
-        if token is not None and (not isinstance(token, str) or len(token) < 8):
-            raise ValueError("reward server: the token must be a string of at least 8 characters")
-        if isinstance(reward, CombinedReward):
-            self.combined = reward
-        elif isinstance(reward, Mapping):
-            self.combined = build_rewards(reward)
-        else:
-            self.combined = CombinedReward({reward.name: reward}, {reward.name: 1.0})
-        single = len(self.combined.weights) == 1
-        score_name = next(iter(self.combined.weights))  # the score part of the first (or only) reward
-        self.name = name or (score_name if single else "combined")
-        # one reward under its own name: its parts as they are; else the weighted sum is added under self.name
-        self.single = single and self.name == score_name
-        if not self.single and self.name in self.combined.weights:
-            raise ValueError(f"reward server: name {self.name!r} is a reward's part name; choose another for the weighted sum")
-        self.token = token
+        if token is not None and (not isinstance(token, str) or len(token) < 8 or token != token.strip()):
+            raise ValueError("reward server: the token must be a string of at least 8 characters, no outer spaces")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"reward server: workers must be an integer >= 1; got {workers!r}")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"reward server: port must be an integer in [0, 65535]; got {port!r}")
+        if limits is not None and not isinstance(limits, Limits):
+            raise TypeError(f"reward server: limits must be a Limits; got {type(limits).__name__}")
         self.limits = limits or Limits()
-        self._pool = cf.ThreadPoolExecutor(max_workers=max(1, int(workers)), thread_name_prefix="reward")
-        self._httpd = ThreadingHTTPServer((host, int(port)), _make_handler(self))
-        self._httpd.daemon_threads = True
+        self.token = token
+        payload = ("spec", dict(reward)) if isinstance(reward, Mapping) else ("object", reward)
+        self._pool = DeadlinePool(workers, start_method=start_method, initializer=_build_in_worker, initargs=payload)
+        try:
+            try:
+                weights = self._pool.call(_describe_in_worker, timeout_s=60.0)
+            except (WorkerError, DeadlineExceeded) as e:
+                raise ValueError(f"reward server: the rewards could not be built: {e}") from None
+            single = len(weights) == 1
+            score_name = next(iter(weights))  # the score part of the first (or only) reward
+            self.weights = weights
+            self.name = name or (score_name if single else "combined")
+            # one reward under its own name: its parts as they are; else the weighted sum is added under self.name
+            self.single = single and self.name == score_name
+            if not self.single and self.name in weights:
+                raise ValueError(f"reward server: name {self.name!r} is a reward's part name; choose another for the weighted sum")
+            self._pending = 0
+            self._pending_lock = threading.Lock()
+            self._httpd = HTTPServer((host, port), self)
+        except BaseException:
+            self._pool.close()
+            raise
         self._thread: Optional[threading.Thread] = None
 
     @property
@@ -217,7 +234,7 @@ class RewardServer:
 
     def close(self) -> None:
         self._httpd.server_close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.close()
 
     def __enter__(self) -> "RewardServer":
         return self.start()
@@ -227,13 +244,12 @@ class RewardServer:
 
     # -- request handling (called from handler threads)
     def info(self) -> dict:
-        return {"ok": True, "name": self.name, "rewards": dict(self.combined.weights),
-                "limits": {"max_body_bytes": self.limits.max_body_bytes, "max_batch": self.limits.max_batch,
-                           "timeout_s": self.limits.timeout_s}}
+        return {"ok": True, "name": self.name, "rewards": dict(self.weights), "limits": asdict(self.limits)}
 
     def parse(self, body: bytes, binary: bool = False) -> tuple[Any, list[str], Optional[dict]]:
         """(samples, prompts, meta) of a request body: JSON, or (``binary``) the framed form
         [8-byte big-endian n][n bytes of JSON {"prompts", "meta"}][.npy bytes of the samples]."""
+        lim = self.limits
         raw_npy = None
         if binary:
             if len(body) < 8:
@@ -246,8 +262,10 @@ class RewardServer:
             head = body
         try:
             req = json.loads(head.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, or an int of too many digits
             raise RequestError(400, f"body is not JSON: {e}")
+        except RecursionError:
+            raise RequestError(400, "body is not JSON this server reads: nested too deeply")
         if binary and isinstance(req, dict):
             if "samples" in req:
                 raise RequestError(400, "binary body: the samples are the .npy bytes after the JSON header, not a field")
@@ -273,9 +291,9 @@ class RewardServer:
             B = len(samples)
         elif kind == "png":
             B = len(val) if isinstance(val, list) else 0
-            if B > self.limits.max_batch:
-                raise RequestError(413, f"batch of {B} samples > limit {self.limits.max_batch}")
-            samples = decode_pngs(val, self.limits.max_pixels)
+            if B > lim.max_batch:
+                raise RequestError(413, f"batch of {B} samples > limit max_batch={lim.max_batch}")
+            samples = decode_pngs(val, lim.max_pixels, lim.max_total_pixels)
         else:
             arr = decode_array(s, "samples") if not binary else decode_npy_bytes(raw_npy, "samples")
             if arr.ndim not in (4, 5):
@@ -289,139 +307,76 @@ class RewardServer:
             B = int(arr.shape[0])
         if B == 0:
             raise RequestError(422, "empty batch")
-        if B > self.limits.max_batch:
-            raise RequestError(413, f"batch of {B} samples > limit {self.limits.max_batch}")
+        if B > lim.max_batch:
+            raise RequestError(413, f"batch of {B} samples > limit max_batch={lim.max_batch}")
         if len(prompts) != B:
             raise RequestError(422, f"{B} samples but {len(prompts)} prompts")
+        if kind != "text":
+            check_images(samples, lim.max_total_pixels)
         meta = req.get("meta")
         if meta is not None:
             if not isinstance(meta, dict):
                 raise RequestError(422, "'meta' must be a JSON object")
+            if _depth(meta) > MAX_META_DEPTH:
+                raise RequestError(400, f"'meta' nested deeper than {MAX_META_DEPTH} levels")
             meta = {k: (torch.from_numpy(decode_array(v, f"meta.{k}").copy()) if isinstance(v, dict) else v)
                     for k, v in meta.items()}
         return samples, prompts, meta
 
-    def score(self, samples: Any, prompts: list[str], meta: Optional[dict]) -> dict:
-        parts = self.combined(samples, prompts, meta)
-        if not self.single:
-            parts[self.name], _, _ = self.combined.combine(parts)
+    def run(self, samples: Any, prompts: list[str], meta: Optional[dict]) -> dict:
+        """The answer of one parsed request, scored in a worker under the ``timeout_s`` deadline."""
+        total = None if self.single else self.name
+        try:
+            parts = self._pool.call(_score_in_worker, samples, prompts, meta, total, timeout_s=self.limits.timeout_s)
+        except DeadlineExceeded:
+            raise RequestError(422, f"scoring took longer than the limit of timeout_s={self.limits.timeout_s:g} s; "
+                                    "its worker was killed (this input would run away again: not retried)") from None
+        except WorkerError as e:
+            if e.type_name in INPUT_ERRORS or (e.type_name == "RewardError" and e.chain[:1] and e.chain[0] in INPUT_ERRORS):
+                raise RequestError(422, f"the reward refused this input: {e.message}") from None
+            raise  # a server fault: 500
         return {"name": self.name, "parts": {k: encode_array(v) for k, v in parts.items()}}
 
-    def run(self, samples: Any, prompts: list[str], meta: Optional[dict]) -> dict:
-        fut = self._pool.submit(self.score, samples, prompts, meta)
-        try:
-            return fut.result(timeout=self.limits.timeout_s)
-        except cf.TimeoutError:
-            fut.cancel()
-            raise RequestError(504, f"scoring took longer than the limit of {self.limits.timeout_s} s")
+    def admit(self) -> bool:
+        """Take one of the ``max_pending`` scoring slots; False when all are taken (answer 503)."""
+        with self._pending_lock:
+            if self._pending >= self.limits.max_pending:
+                return False
+            self._pending += 1
+            return True
+
+    def release(self) -> None:
+        with self._pending_lock:
+            self._pending -= 1
 
 
-def _make_handler(server: RewardServer):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        timeout = 30  # seconds to read a request: a stalled client does not hold a thread forever
-        server_version = "flowrl-reward/1"
-
-        def log_message(self, fmt, *args):  # quiet; errors go back to the client
-            pass
-
-        def _send(self, status: int, obj: dict, close: bool = False) -> None:
-            body = json.dumps(obj).encode("utf-8")
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            if close:
-                self.send_header("Connection", "close")
-                self.close_connection = True
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _authorised(self) -> bool:
-            if server.token is None:
-                return True
-            got = self.headers.get("Authorization", "")
-            want = f"Bearer {server.token}"
-            return hmac.compare_digest(got.encode("utf-8", "replace"), want.encode("utf-8"))
-
-        def _guard(self, fn) -> None:
-            try:
-                if not self._authorised():
-                    raise RequestError(401, "missing or wrong bearer token")
-                fn()
-            except RequestError as e:
-                self._send(e.status, {"error": str(e)}, close=e.status in (411, 413))
-            except Exception as e:  # the reward failed: the server keeps serving
-                self._send(500, {"error": f"reward failed: {type(e).__name__}: {e}"})
-
-        def do_GET(self) -> None:
-            def go():
-                if self.path.rstrip("/") != "/health":
-                    raise RequestError(404 if self.path.rstrip("/") != "/score" else 405,
-                                       f"no GET {self.path}; use GET /health or POST /score")
-                self._send(200, server.info())
-
-            self._guard(go)
-
-        def do_POST(self) -> None:
-            def go():
-                if self.path.rstrip("/") != "/score":
-                    raise RequestError(404, f"no POST {self.path}; use POST /score")
-                ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
-                length = self.headers.get("Content-Length")
-                if length is None:
-                    raise RequestError(411, "Content-Length is required")
-                try:
-                    n = int(length)
-                except ValueError:
-                    raise RequestError(400, f"bad Content-Length {length!r}")
-                if n < 0 or n > server.limits.max_body_bytes:
-                    if 0 < n <= DRAIN_BYTES:  # read and drop it, so the client sees the 413 and not a reset
-                        left = n
-                        while left > 0:  # bounded: at most DRAIN_BYTES, each read under the socket timeout
-                            chunk = self.rfile.read(min(left, 1 << 16))
-                            if not chunk:
-                                break
-                            left -= len(chunk)
-                    raise RequestError(413, f"body of {n} bytes > limit {server.limits.max_body_bytes}")
-                body = self.rfile.read(n)
-                if ctype not in (JSON_TYPE, BINARY_TYPE):
-                    raise RequestError(415, f"Content-Type {ctype!r}; use {JSON_TYPE} or {BINARY_TYPE}")
-                if len(body) != n:
-                    raise RequestError(400, "body shorter than Content-Length")
-                samples, prompts, meta = server.parse(body, binary=ctype == BINARY_TYPE)
-                self._send(200, server.run(samples, prompts, meta))
-
-            self._guard(go)
-
-        def _no(self) -> None:
-            self._guard(lambda: (_ for _ in ()).throw(RequestError(405, f"method {self.command} not allowed")))
-
-        do_PUT = do_DELETE = do_PATCH = _no
-
-    return Handler
-
-
+# --------------------------------------------------------------------------------------------- config / CLI
 def serve_from_config(path: str, *, host: Optional[str] = None, port: Optional[int] = None,
                       token: Optional[str] = None) -> RewardServer:
     """A RewardServer from a YAML/JSON file: ``{rewards: {name: {weight, type, options}}, host, port,
-    workers, name, limits: {max_body_bytes, max_batch, timeout_s, max_pixels}}`` (arguments override)."""
+    workers, name, limits: {Limits fields}}`` (arguments override). The rewards are built in the workers."""
     import yaml
 
     with open(path) as f:
         cfg = yaml.safe_load(f) or {}
-    if not isinstance(cfg, dict) or "rewards" not in cfg:
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("rewards"), dict) or not cfg["rewards"]:
         raise ValueError(f"{path}: a reward-server config needs a 'rewards' mapping {{name: {{weight, options}}}}")
     valid = {"rewards", "host", "port", "workers", "name", "limits"}
     unknown = sorted(set(cfg) - valid)
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
     lim = cfg.get("limits") or {}
-    bad = sorted(set(lim) - set(Limits.__dataclass_fields__))
-    if bad:
-        raise ValueError(f"{path}: unknown limits {bad}; valid: {sorted(Limits.__dataclass_fields__)}")
-    return RewardServer(build_rewards(cfg["rewards"]), host=host or cfg.get("host", "127.0.0.1"),
-                        port=port if port is not None else int(cfg.get("port", 8765)), token=token,
-                        limits=Limits(**lim), workers=int(cfg.get("workers", 1)), name=cfg.get("name"))
+    names = sorted(f.name for f in fields(Limits))
+    if not isinstance(lim, dict) or sorted(set(lim) - set(names)):
+        raise ValueError(f"{path}: unknown limits {sorted(set(lim) - set(names)) if isinstance(lim, dict) else lim!r}; "
+                         f"valid: {names}")
+    try:
+        limits = Limits(**lim)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return RewardServer(dict(cfg["rewards"]), host=host or cfg.get("host", "127.0.0.1"),
+                        port=port if port is not None else cfg.get("port", 8765), token=token,
+                        limits=limits, workers=cfg.get("workers", 1), name=cfg.get("name"))
 
 
 def cli(args: Any) -> int:
@@ -433,7 +388,11 @@ def cli(args: Any) -> int:
     if args.token_env and not token:
         print(f"serve-reward: environment variable {args.token_env!r} (the bearer token) is not set", file=sys.stderr)
         return 2
-    server = serve_from_config(args.config, host=args.host, port=args.port, token=token)
+    try:
+        server = serve_from_config(args.config, host=args.host, port=args.port, token=token)
+    except (ValueError, TypeError, OSError) as e:
+        print(f"serve-reward: {e}", file=sys.stderr)
+        return 2
     print(f"serving {server.name} {server.info()['rewards']} at {server.url} "
           f"({'token required' if server.token else 'no token: loopback only'})", flush=True)
     try:

@@ -1,5 +1,7 @@
-"""Reward server on loopback (port 0, a thread): round trips equal the local reward; bad requests get a clear
-4xx and the server keeps serving; 8 concurrent clients x 50 requests; token; client retries then raises."""
+"""Reward server on loopback (port 0, a thread; rewards in worker processes): round trips equal the local reward;
+bad requests get a clear 4xx and the server keeps serving; 50 concurrent clients x 20 requests with no retries;
+token; a runaway reward is killed at its deadline while /health answers; the client retries 5xx only.
+HTTP-level attacks (desync, slow clients, busy, pixel bombs, limits) are in test_reward_server_attacks.py."""
 from __future__ import annotations
 
 import base64
@@ -22,7 +24,7 @@ torch.set_num_threads(1)
 
 from flowrl.rewards import RewardError, build_reward, build_rewards, register_reward  # noqa: E402
 from flowrl.rewards.client import RemoteReward  # noqa: E402
-from flowrl.rewards.server import Limits, RewardServer, encode_array, encode_png  # noqa: E402
+from flowrl.rewards.server import Limits, RewardServer, encode_array, encode_png, npy_bytes  # noqa: E402
 
 
 @register_reward("server_test_mean")
@@ -42,10 +44,24 @@ def _slow_reward(samples, prompts, meta):
     return torch.zeros(len(prompts))
 
 
-@pytest.fixture()
+@register_reward("server_test_power")
+def _power_reward(samples, prompts, meta):
+    """1 per sample; the text "runaway" computes 9 ** 9 ** 9, which holds the GIL for minutes."""
+    for s in samples:
+        if s == "runaway":
+            9 ** (9 ** 9)
+    return torch.ones(len(samples))
+
+
+@register_reward("server_test_broken")
+def _broken_reward(samples, prompts, meta):
+    raise RuntimeError("the model fell over")
+
+
+@pytest.fixture(scope="module")
 def server():
     comb = build_rewards({"server_test_mean": {"weight": 1.0}, "jpeg_incompressibility": {"weight": 0.5}})
-    srv = RewardServer(comb, port=0, limits=Limits(max_body_bytes=200_000, max_batch=16, timeout_s=30)).start()
+    srv = RewardServer(comb, port=0, workers=2, limits=Limits(max_body_bytes=200_000, max_batch=16, timeout_s=30)).start()
     yield srv
     srv.stop()
 
@@ -81,8 +97,12 @@ def test_round_trip_equals_local(server):
     want_q = local(xq, prompts)
     for k in want_q:
         torch.testing.assert_close(got_png[k], want_q[k], rtol=0, atol=1e-6)
+    # a client given the name reads that part; a name the server does not serve fails loudly on the first call
+    named = RemoteReward(server.url, name="combined")
+    torch.testing.assert_close(named(x, prompts)["combined"], want_outcome, rtol=0, atol=0)
+    with pytest.raises(RewardError, match="must return a dict with the key 'pickscore'"):
+        RemoteReward(server.url, name="pickscore")(x, prompts)
     # text, video and tensor meta
-    got_t = RemoteReward(server.url, name="combined")
     single = RewardServer(build_reward("server_test_mean"), port=0).start()
     try:
         c = RemoteReward(single.url)
@@ -106,7 +126,6 @@ def test_round_trip_equals_local(server):
             RewardServer(build_rewards({"server_test_mean": 1.0, "jpeg_compressibility": 1.0}), port=0, name="server_test_mean")
     finally:
         single.stop()
-    assert got_t.name == "combined"
 
 
 def _post(srv, obj, headers=None):
@@ -121,6 +140,13 @@ def _framed(head, raw):
 
 def _ok_body(B=2):
     return {"samples": encode_array(torch.rand(B, 3, 8, 8)), "prompts": ["p"] * B}
+
+
+def _lying_npy() -> bytes:
+    """A .npy header claiming [10**6, 3, 10**6, 1] float64 (24 TB) over 16 bytes of data."""
+    f = io.BytesIO()
+    np.lib.format.write_array_header_1_0(f, {"descr": "<f8", "fortran_order": False, "shape": (10**6, 3, 10**6, 1)})
+    return f.getvalue() + bytes(16)
 
 
 def test_bad_requests_refused_and_server_keeps_serving(server):
@@ -140,8 +166,8 @@ def test_bad_requests_refused_and_server_keeps_serving(server):
                                                                            .real.astype(np.int64)), "prompts": ["p"]}), 422, "dtype"),
         ("wrong rank", lambda: _post(server, {"samples": encode_array(np.zeros((3, 4), np.float32)), "prompts": ["p"] * 3}), 422, "shape"),
         ("count mismatch", lambda: _post(server, {"samples": {"text": ["a", "b"]}, "prompts": ["p"]}), 422, "2 samples but 1 prompts"),
-        ("batch too big", lambda: _post(server, {"samples": {"text": ["a"] * 17}, "prompts": ["p"] * 17}), 413, "limit 16"),
-        ("body too big", lambda: _post(server, {"samples": {"text": ["a" * 300_000]}, "prompts": ["p"]}), 413, "limit 200000"),
+        ("batch too big", lambda: _post(server, {"samples": {"text": ["a"] * 17}, "prompts": ["p"] * 17}), 413, "max_batch=16"),
+        ("body too big", lambda: _post(server, {"samples": {"text": ["a" * 300_000]}, "prompts": ["p"]}), 413, "max_body_bytes=200000"),
         ("unknown path", lambda: _raw(server, "POST", "/nope", b"{}", {"Content-Type": "application/json"}), 404, "POST /score"),
         ("wrong method", lambda: _raw(server, "GET", "/score"), 405, "POST /score"),
         ("binary: short", lambda: _raw(server, "POST", "/score", b"\x00\x01", {"Content-Type": "application/x-flowrl-npy"}), 400, "8-byte"),
@@ -154,7 +180,22 @@ def test_bad_requests_refused_and_server_keeps_serving(server):
         ("binary: samples field", lambda: _raw(server, "POST", "/score", _framed({"prompts": ["p"], "samples": 1}, b""),
                                                {"Content-Type": "application/x-flowrl-npy"}), 400, "not a field"),
         ("not a PNG", lambda: _post(server, {"samples": {"png": [base64.b64encode(b"hello").decode()]}, "prompts": ["p"]}), 400, "PNG"),
-        ("reward fails", lambda: _post(server, {"samples": {"text": ["a"]}, "prompts": ["p"]}), 500, "jpeg_incompressibility"),
+        ("text to an image reward", lambda: _post(server, {"samples": {"text": ["a"]}, "prompts": ["p"]}), 422,
+         "jpeg_incompressibility"),
+        ("2-channel image", lambda: _post(server, {"samples": encode_array(torch.rand(2, 2, 8, 8)), "prompts": ["p"] * 2}),
+         422, "2 channels"),
+        ("pixels outside [0, 1]", lambda: _post(server, {"samples": encode_array(torch.full((1, 3, 4, 4), 7.0)),
+                                                         "prompts": ["p"]}), 422, "[0, 1]"),
+        ("100k-deep JSON", lambda: _raw(server, "POST", "/score", b"[" * 100_000 + b"]" * 100_000,
+                                        {"Content-Type": "application/json"}), 400, "nested too deeply"),
+        ("deep meta", lambda: _post(server, {**_ok_body(), "meta": {"k": json.loads("[" * 200 + "]" * 200)}}), 400, "nested deeper"),
+        ("huge JSON integer", lambda: _raw(server, "POST", "/score", b'{"prompts": ' + b"9" * 5000 + b"}",
+                                           {"Content-Type": "application/json"}), 400, "not JSON"),
+        (".npy header lies about its shape", lambda: _raw(server, "POST", "/score", _framed({"prompts": ["p"]}, _lying_npy()),
+                                                          {"Content-Type": "application/x-flowrl-npy"}), 400, "header says shape"),
+        ("malformed base64 PNG", lambda: _post(server, {"samples": {"png": ["%%%"]}, "prompts": ["p"]}), 400, "not base64"),
+        ("Content-Length not a number", lambda: _raw(server, "POST", "/score", b"{}", {"Content-Type": "application/json",
+                                                                                         "Content-Length": "+2"}), 400, "Content-Length"),
     ]
     for what, call, status, msg in cases:
         got_status, ans = call()
@@ -166,7 +207,7 @@ def test_bad_requests_refused_and_server_keeps_serving(server):
 
 
 def test_client_raises_on_4xx_with_message(server):
-    with pytest.raises(RewardError, match="HTTP 413.*limit 16"):
+    with pytest.raises(RewardError, match="HTTP 413.*max_batch=16"):
         RemoteReward(server.url)(torch.rand(17, 3, 4, 4), ["p"] * 17)
 
 
@@ -175,11 +216,15 @@ def test_token_required_off_loopback_and_checked():
         RewardServer(build_reward("server_test_mean"), host="0.0.0.0", port=0)
     srv = RewardServer(build_reward("server_test_mean"), port=0, token="s3cret-token-123").start()
     try:
-        for hdr in ({}, {"Authorization": "Bearer wrong-token-xyz"}, {"Authorization": "s3cret-token-123"}):
+        for hdr in ({}, {"Authorization": "Bearer wrong-token-xyz"}, {"Authorization": "s3cret-token-123"},
+                    {"Authorization": "Basic s3cret-token-123"}, {"Authorization": "Bearer s3cret-token-12"}):
             s, ans = _post(srv, _ok_body(), hdr)
-            assert s == 401 and "bearer token" in ans["error"]
+            assert s == 401 and "bearer token" in ans["error"], (hdr, s, ans)
             s, ans = _raw(srv, "GET", "/health", headers=hdr)
             assert s == 401
+        for scheme in ("Bearer", "bearer", "BEARER", "bEaReR"):  # the scheme is case-insensitive (RFC 9110)
+            s, ans = _post(srv, _ok_body(), {"Authorization": f"{scheme} s3cret-token-123"})
+            assert s == 200, (scheme, s, ans)
         with pytest.raises(RewardError, match="HTTP 401"):
             RemoteReward(srv.url, name="server_test_mean")(["a"], ["p"])
         os.environ["FLOWRL_TEST_TOKEN"] = "s3cret-token-123"
@@ -190,44 +235,86 @@ def test_token_required_off_loopback_and_checked():
         srv.stop()
 
 
-def test_time_limit_gives_504_and_serving_goes_on():
-    srv = RewardServer(build_rewards({"server_test_slow": 1.0, "server_test_mean": 0.0}), port=0,
-                       limits=Limits(timeout_s=0.2), workers=2).start()
+def test_runaway_reward_killed_at_deadline_while_health_answers():
+    """9 ** 9 ** 9 holds the GIL: the server still answers /health within a second, the request gets a
+    non-retryable 422 at its deadline, and the next request is scored by a fresh worker."""
+    srv = RewardServer(build_reward("server_test_power"), port=0, limits=Limits(timeout_s=2.0)).start()
     try:
-        s, ans = _post(srv, {"samples": {"text": ["a"]}, "prompts": ["p"]})
-        assert s == 504 and "limit of 0.2 s" in ans["error"]
-        s, ans = _raw(srv, "GET", "/health")
-        assert s == 200 and ans["ok"]
+        assert _post(srv, {"samples": {"text": ["ok"]}, "prompts": ["p"]})[0] == 200  # the worker is warm
+        got = {}
+
+        def runaway():
+            t0 = time.monotonic()
+            got["answer"] = _post(srv, {"samples": {"text": ["runaway"]}, "prompts": ["p"]})
+            got["seconds"] = time.monotonic() - t0
+
+        t = threading.Thread(target=runaway)
+        t.start()
+        time.sleep(0.5)  # the runaway is being scored now
+        for _ in range(3):
+            t0 = time.monotonic()
+            s, ans = _raw(srv, "GET", "/health")
+            assert s == 200 and ans["ok"] and time.monotonic() - t0 < 1.0
+            time.sleep(0.2)
+        t.join(timeout=30)
+        s, ans = got["answer"]
+        assert s == 422 and "timeout_s=2 s" in ans["error"], (s, ans)
+        assert got["seconds"] < 2.0 + 1.5
+        s, ans = _post(srv, {"samples": {"text": ["ok", "fine"]}, "prompts": ["p", "q"]})
+        assert s == 200
+        with pytest.raises(RewardError, match="HTTP 422.*timeout_s"):  # not retried: at once, no back-off
+            RemoteReward(srv.url, retries=3, backoff=5.0)(["runaway"], ["p"])
     finally:
         srv.stop()
 
 
-def test_eight_concurrent_clients_fifty_requests_each(server):
+def test_client_retries_5xx_only():
+    srv = RewardServer(build_reward("server_test_broken"), port=0).start()
+    try:
+        s, ans = _post(srv, {"samples": {"text": ["a"]}, "prompts": ["p"]})
+        assert s == 500 and "the model fell over" in ans["error"]
+        t0 = time.monotonic()
+        with pytest.raises(RewardError, match="failed after 2 attempts.*HTTP 500"):
+            RemoteReward(srv.url, retries=1, backoff=0.3)(["a"], ["p"])
+        assert time.monotonic() - t0 >= 0.3
+        t0 = time.monotonic()
+        with pytest.raises(RewardError, match="refused the request: HTTP 413"):  # a 4xx: no retry, no back-off
+            RemoteReward(srv.url, retries=3, backoff=5.0)(["a"] * 300, ["p"] * 300)
+        assert time.monotonic() - t0 < 5.0
+    finally:
+        srv.stop()
+
+
+def test_fifty_concurrent_clients_twenty_requests_each_without_retries():
+    """1,000 requests from 50 threads at once, each on its own connection, no client retries: every one answered
+    correctly (a listen backlog of 5 reset some of these connections)."""
+    srv = RewardServer(build_reward("server_test_mean"), port=0, workers=2).start()
     results, errors = {}, []
 
     def worker(w):
         try:
-            c = RemoteReward(server.url, name="combined", retries=2, backoff=0.05)
+            c = RemoteReward(srv.url, name="server_test_mean", retries=0, timeout=60)
             g = torch.Generator().manual_seed(100 + w)
-            for i in range(50):
+            for i in range(20):
                 B = 1 + (w + i) % 3
                 x = torch.rand(B, 1, 4, 4, generator=g)
                 prompts = [f"w{w}i{i}" + "x" * j for j in range(B)]
                 out = c(x, prompts)
-                want = x.flatten(1).mean(1)
-                ok = torch.equal(out["server_test_mean"], want) and out["server_test_mean/prompt_len"].tolist() == [
-                    float(len(p)) for p in prompts]
-                results[(w, i)] = ok
+                results[(w, i)] = torch.equal(out["server_test_mean"], x.flatten(1).mean(1)) and out[
+                    "server_test_mean/prompt_len"].tolist() == [float(len(p)) for p in prompts]
         except Exception as e:  # reported below
             errors.append(repr(e))
 
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors, errors[:3]
-    assert len(results) == 400 and all(results.values())
+    try:
+        threads = [threading.Thread(target=worker, args=(w,)) for w in range(50)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        srv.stop()
+    assert not errors, (len(errors), errors[:3])
+    assert len(results) == 1000 and all(results.values())
 
 
 def test_client_retries_with_backoff_then_raises():
