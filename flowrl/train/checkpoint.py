@@ -120,6 +120,8 @@ def save_checkpoint(
     trainer_state: tensors, numbers, strings, lists and dicts of them (optimiser ``state_dict()``, RNG states).
     meta: JSON-able extra state (e.g. the config fingerprint); the keys step, format and files are reserved.
     keep: checkpoints to keep (<= 0: keep all); see :func:`_prune` for which ones go.
+    Cost: each data file is read back once (from the page cache) for its sha256, so the hash is of what the
+    file holds rather than of what was meant to be written.
     """
     clash = sorted(set(meta or {}) & set(_RESERVED))
     if clash:
