@@ -1,34 +1,37 @@
-"""Code rewards: unit tests run in a sandboxed subprocess, with VeRPO's per-test difficulty weights.
+"""Code rewards: unit tests run in an isolating sandbox, with VeRPO's per-test difficulty weights.
 
-Sandbox (:func:`run_tests`), per sample:
+Sandbox (:func:`run_tests`), per sample. Processes and the file system view are set up in
+rewards/sandbox_bwrap.py; the code that runs inside is rewards/sandbox_runtime.py.
 
-- **Process.** The tests run in a fresh ``python -I`` child (isolated mode: no user site, no PYTHON* env
-  vars) in its own session (process group), in a fresh temporary directory (also its HOME and TMPDIR),
-  with a minimal environment; the directory is removed afterwards. Code and tests reach the child on its
-  stdin (never as a file in its directory); its stdout/stderr go to /dev/null and results come back on a
-  private copy of the original stdout, one line per test, tagged with a random nonce.
-- **Time.** Each test (and the loading of the solution) gets ``time_limit`` seconds, enforced in the child
-  by ``signal.setitimer`` (a pure-Python infinite loop is interrupted and that test fails) and in the
-  parent by a wall-clock deadline (``time_limit + grace``) after which the whole process group is killed
-  with SIGKILL (a C-level hang, or code that catches the interrupt). RLIMIT_CPU bounds the child's CPU
-  time in case the parent dies.
-- **Memory.** ``resource.setrlimit(RLIMIT_AS, memory_limit_mb)`` in the child before the solution runs: a
-  too-large allocation raises MemoryError in the tested code (that test fails) or kills the child.
-  RLIMIT_CORE = 0 (no core dumps), RLIMIT_FSIZE bounds written files.
-- **Network.** If ``unshare -n`` (or, unprivileged, ``unshare -rn``) works on this machine the child runs in
-  a new network namespace with no interfaces (checked once per process, :func:`network_isolation`).
-  In every case the child also replaces ``socket.socket``, ``_socket.socket``, ``socket.create_connection``,
-  ``socket.getaddrinfo`` and ``socket.socketpair`` by functions that raise OSError before the solution runs.
-  The monkeypatch alone is best effort (code could use ctypes); the namespace is the real barrier.
-- **Crashes cost one test.** If the child dies (``os._exit``, a segfault) or is killed during test j,
-  test j fails and a new child resumes at test j+1. If the solution itself fails to load (raises, hangs,
-  crashes), every test of that sample fails. The parent is never harmed.
-- **Parallel.** Samples run in a thread pool of ``workers`` (each thread waits on its own child).
+- **Isolation** (``sandbox="bwrap"``, the default): bubblewrap gives each sandboxed interpreter its own PID,
+  network, IPC and UTS namespaces, an unprivileged uid with no capabilities, a read-only view of /usr and the
+  interpreter's standard library (not the repository, /etc, /root, /home or the trainer's environment), one
+  writable size-limited tmpfs at /tmp, and RLIMIT_NPROC. Where bubblewrap is missing or does not work the
+  sandbox refuses to run (:class:`SandboxUnavailable`); ``sandbox="unsafe-process"`` opts into a plain child
+  process that survives accidents, not attacks.
+- **An unforgeable result.** The solution runs in one sandbox (the *solution server*); the tests run in another
+  (the *judge*, its own uid and PID namespace), which reaches the solution's names only through handles: a call
+  sends its arguments as data and gets data back (only builtin values cross, decoded by the judge; a handle
+  compares by identity, so an "always equal" object cannot pass ``assert f(x) == 3``). The test text never
+  enters the solution's sandbox, the judge reports to this process on a pipe the solution does not hold, and
+  nothing the solution does to its own interpreter (``__main__``, builtins, printed lines, ``os._exit``)
+  reaches the judge. Stdin/stdout tests: the solution's sandbox gets only the inputs and sends back what the
+  program printed; this process compares it with the expected output.
+  Limits of the handle protocol: arguments are copied, so a test cannot see the solution mutate a list it
+  passed; lambdas cannot be passed; the solution's module-level values are read once, after it loads.
+- **Time.** Each test (and the loading of the solution) gets ``time_limit`` seconds: the judge and the solution
+  server both run an interval timer (a pure-Python loop is interrupted and that test fails); a solution that
+  swallows the interrupt is declared stuck ``grace / 2`` later, and this process kills any sandbox that has not
+  answered ``time_limit + grace`` after its last answer. Killing a bubblewrap sandbox kills its PID namespace's
+  init, so every process in it dies (a ``setsid`` grandchild, a fork bomb). RLIMIT_CPU bounds CPU time.
+- **Memory and files.** RLIMIT_AS (``memory_limit_mb``: a too-large allocation raises MemoryError, that test
+  fails), RLIMIT_CORE = 0, RLIMIT_FSIZE (``fsize_mb``), a ``tmp_mb`` tmpfs, RLIMIT_NPROC (``max_procs``).
+- **Crashes cost one test.** If the solution dies (``os._exit``, a segfault) or is killed during test j, test j
+  fails and fresh sandboxes resume at test j+1. If the solution fails to load (raises, hangs, crashes), every
+  test of that sample fails. The trainer is never harmed.
+- **Parallel.** Samples run in a thread pool of ``workers`` (each thread waits on its own sandboxes).
 
-This sandbox protects the trainer from broken code; it is **not** a defence against adversarial code that
-inspects its own interpreter (the tested code shares the child's process with the test harness).
-
-Tests of a sample are either Python snippets run in the solution's namespace (``"assert add(1, 2) == 3"``;
+Tests of a sample are either Python snippets run with the solution's names in scope (``"assert add(1, 2) == 3"``;
 a test passes iff it raises nothing), or stdin/stdout cases ``{"input": str, "output": str}`` (the solution
 runs as ``__main__`` with that stdin; it passes iff its stdout equals ``output`` up to trailing whitespace
 on each line and trailing blank lines).
@@ -48,16 +51,8 @@ failed tests, hence dense_i = 0 unless it passes all (r_i = allpass_i).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-import secrets
-import selectors
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -67,155 +62,46 @@ import torch
 from torch import Tensor
 
 from .base import Meta, Parts, Reward, register_reward
+from .sandbox_bwrap import SANDBOXES, Proc, SandboxUnavailable, check_sandbox, sandbox_status
+from .sandbox_runtime import Lines
 
 Test = Union[str, dict]
-
-# ---------------------------------------------------------------------------------------- the child
-# Runs inside the sandboxed interpreter. Reads one JSON line from stdin; writes "<nonce> R <ok>" once the
-# solution is loaded (asserts mode) and "<nonce> T <j> <ok>" after each test.
-_CHILD = r'''
-import io, json, os, resource, signal, sys
-cfg = json.loads(sys.stdin.readline())
-nonce = cfg["nonce"]
-res = os.fdopen(os.dup(1), "w", buffering=1)
-dn = os.open(os.devnull, os.O_RDWR)
-os.dup2(dn, 0); os.dup2(dn, 1); os.dup2(dn, 2)
-sys.stdin = io.StringIO(""); sys.stdout = open(os.devnull, "w"); sys.stderr = sys.stdout
-mem = int(cfg["memory_bytes"])
-resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-resource.setrlimit(resource.RLIMIT_FSIZE, (int(cfg["fsize_bytes"]), int(cfg["fsize_bytes"])))
-cpu = int(cfg["cpu_seconds"])
-resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-import socket, _socket
-def _deny(*a, **k):
-    raise OSError("network access is disabled in the flowrl code sandbox")
-class _NoSocket:
-    def __init__(self, *a, **k):
-        _deny()
-socket.socket = _NoSocket; _socket.socket = _NoSocket; socket.SocketType = _NoSocket
-socket.create_connection = _deny; socket.getaddrinfo = _deny; socket.socketpair = _deny
-socket.create_server = _deny; socket.fromfd = _deny
-
-class _Timeout(BaseException):
-    pass
-def _alarm(signum, frame):
-    raise _Timeout()
-signal.signal(signal.SIGALRM, _alarm)
-limit = float(cfg["time_limit"])
-def timed(fn):
-    signal.setitimer(signal.ITIMER_REAL, limit)
-    try:
-        return fn()
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-
-code = compile(cfg["code"], "<solution>", "exec") if cfg["compiles"] else None
-tests = cfg["tests"]
-null_out = sys.stdout
-def norm(s):
-    lines = [l.rstrip() for l in s.replace("\r\n", "\n").split("\n")]
-    while lines and lines[-1] == "":
-        lines.pop()
-    return lines
-if cfg["mode"] == "asserts":
-    ns = {"__name__": "solution"}
-    def load():
-        exec(code, ns)
-    try:
-        timed(load)
-        ok = 1
-    except BaseException:
-        ok = 0
-    res.write(f"{nonce} R {ok}\n")
-    if not ok:
-        os._exit(0)
-    for j in range(cfg["start"], len(tests)):
-        def run():
-            exec(compile(tests[j], f"<test {j}>", "exec"), ns)
-        try:
-            timed(run)
-            ok = 1
-        except BaseException:
-            ok = 0
-        sys.stdout = null_out; sys.stderr = null_out
-        res.write(f"{nonce} T {j} {ok}\n")
-else:
-    res.write(f"{nonce} R 1\n")
-    for j in range(cfg["start"], len(tests)):
-        case = tests[j]
-        out = io.StringIO()
-        def run():
-            sys.stdin = io.StringIO(case["input"]); sys.stdout = out
-            try:
-                exec(code, {"__name__": "__main__"})
-            except SystemExit as e:
-                if e.code not in (None, 0):
-                    raise
-        try:
-            timed(run)
-            ok = int(norm(out.getvalue()) == norm(case["output"]))
-        except BaseException:
-            ok = 0
-        sys.stdout = null_out; sys.stderr = null_out; sys.stdin = io.StringIO("")
-        res.write(f"{nonce} T {j} {ok}\n")
-res.flush()
-os._exit(0)
-'''
-
-_NET_PREFIX: Optional[list[str]] = None
-_NET_CHECKED = False
-
-
-def network_isolation() -> str:
-    """How the sandbox cuts the network here: ``"unshare -n"``, ``"unshare -rn"`` or ``"socket patch only"``."""
-    return "socket patch only" if not _net_prefix() else " ".join(_net_prefix())
-
-
-def _net_prefix() -> list[str]:
-    global _NET_PREFIX, _NET_CHECKED
-    if not _NET_CHECKED:
-        _NET_CHECKED = True
-        _NET_PREFIX = []
-        exe = shutil.which("unshare")
-        if exe is not None and sys.platform.startswith("linux"):
-            for flags in (["-n"], ["-rn"]):
-                try:
-                    ok = subprocess.run([exe, *flags, sys.executable, "-I", "-c", "pass"], stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10).returncode == 0
-                except (OSError, subprocess.TimeoutExpired):
-                    ok = False
-                if ok:
-                    _NET_PREFIX = [exe, *flags]
-                    break
-    return list(_NET_PREFIX or [])
+__all__ = ["SandboxConfig", "SampleResult", "SandboxUnavailable", "sandbox_status", "run_sample", "run_tests",
+           "verpo_reward", "extract_code", "CodeTestsReward", "SANDBOXES"]
 
 
 @dataclass
 class SandboxConfig:
     """Limits of one sandboxed run.
 
-    time_limit: seconds per test (and for loading the solution). grace: extra wall-clock seconds the parent
-    waits beyond ``time_limit`` before killing (covers interpreter start-up). memory_limit_mb: RLIMIT_AS of
-    the child. fsize_mb: largest file the child may write. network: ``"auto"`` (namespace if available, plus
-    the socket patch), ``"patch"`` (socket patch only).
+    time_limit: seconds per test (and for loading the solution). grace: extra wall-clock seconds before a
+    silent sandbox is killed (covers start-up). memory_limit_mb: RLIMIT_AS of each sandboxed process.
+    fsize_mb: largest file it may write. tmp_mb: size of its writable /tmp. max_procs: RLIMIT_NPROC (processes
+    and threads of the sandbox's uid). sandbox: ``"bwrap"`` (isolating; refuses to run where bubblewrap does not
+    work) or ``"unsafe-process"`` (a plain child process: no isolation, for code you trust).
     """
 
     time_limit: float = 2.0
     grace: float = 3.0
     memory_limit_mb: int = 1024
     fsize_mb: int = 16
-    network: str = "auto"
+    tmp_mb: int = 64
+    max_procs: int = 64
+    sandbox: str = "bwrap"
 
     def __post_init__(self):
         if not self.time_limit > 0:
             raise ValueError(f"sandbox time_limit must be > 0 seconds; got {self.time_limit}")
-        if not self.grace >= 0:
-            raise ValueError(f"sandbox grace must be >= 0 seconds; got {self.grace}")
+        if not self.grace > 0:
+            raise ValueError(f"sandbox grace must be > 0 seconds; got {self.grace}")
         if not self.memory_limit_mb >= 64:
             raise ValueError(f"sandbox memory_limit_mb must be >= 64 (the interpreter needs it); got {self.memory_limit_mb}")
-        if self.network not in ("auto", "patch"):
-            raise ValueError(f"sandbox network={self.network!r} is not valid; valid: 'auto', 'patch'")
+        for key in ("fsize_mb", "tmp_mb"):
+            if not getattr(self, key) >= 1:
+                raise ValueError(f"sandbox {key} must be >= 1; got {getattr(self, key)}")
+        if not self.max_procs >= 4:
+            raise ValueError(f"sandbox max_procs must be >= 4 (the sandbox itself needs a few); got {self.max_procs}")
+        check_sandbox(self.sandbox)
 
 
 @dataclass
@@ -241,45 +127,82 @@ def _check_tests(tests: Sequence[Test]) -> str:
     raise TypeError("tests of one sample must be all strings (asserts) or all {'input': str, 'output': str} dicts")
 
 
-def _read_line(proc: subprocess.Popen, buf: bytearray, deadline: float) -> Optional[bytes]:
-    """The next line of the child's result pipe, or None at EOF or past ``deadline``."""
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
+def _recv(lines: Lines, deadline: float):
+    """The next JSON message from a sandbox; None at EOF, past the deadline, or if it is malformed."""
     try:
-        while b"\n" not in buf:
-            left = deadline - time.monotonic()
-            if left <= 0 or not sel.select(timeout=left):
-                return None
-            chunk = os.read(proc.stdout.fileno(), 65536)
-            if not chunk:
-                return None
-            buf.extend(chunk)
-            if len(buf) > 1 << 20:  # a child that floods the pipe is broken
-                return None
-        i = buf.index(b"\n")
-        line = bytes(buf[:i])
-        del buf[: i + 1]
-        return line
+        return lines.recv(deadline)
+    except (ValueError, RecursionError, OSError):
+        return None
+
+
+def _norm(s: str) -> list[str]:
+    lines = [line.rstrip() for line in s.replace("\r\n", "\n").split("\n")]
+    while lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+def _limits(cfg: SandboxConfig, remaining: int) -> dict:
+    return {"time_limit": cfg.time_limit, "memory_bytes": int(cfg.memory_limit_mb) << 20,
+            "fsize_bytes": int(cfg.fsize_mb) << 20, "max_procs": int(cfg.max_procs),
+            "cpu_seconds": int(cfg.time_limit * (remaining + 1) + cfg.grace + 1)}
+
+
+def _run_once(code: str, tests: Sequence[Test], mode: str, start: int, cfg: SandboxConfig,
+              passed: list, status: list) -> int:
+    """Run tests ``start..`` in fresh sandboxes; fills passed/status; returns the index of the test that was
+    killed (the caller resumes after it), ``len(tests)`` when all ran, or -1 when the solution did not load."""
+    n, budget, tmp = len(tests), cfg.time_limit + cfg.grace, int(cfg.tmp_mb) << 20
+    lim = _limits(cfg, n - start)
+    procs: list[Proc] = []
+    try:
+        if mode == "stdio":
+            inputs = [[j, tests[j]["input"]] for j in range(start, n)]
+            sol = Proc("solution", dict(lim, code=code, mode="stdio", inputs=inputs), cfg.sandbox, tmp, read=True)
+            procs.append(sol)
+            reader = sol.stdout
+        else:
+            r1, w1 = os.pipe()  # judge -> solution: requests
+            r2, w2 = os.pipe()  # solution -> judge: replies
+            try:
+                procs.append(Proc("solution", dict(lim, code=code, mode="asserts", rfd=r1, wfd=w2), cfg.sandbox, tmp,
+                                  pass_fds=(r1, w2)))
+                procs.append(Proc("judge", dict(lim, tests=list(tests), start=start, rfd=r2, wfd=w1,
+                                                wait=cfg.grace / 2), cfg.sandbox, tmp, pass_fds=(r2, w1), read=True))
+            finally:
+                for fd in (r1, w1, r2, w2):
+                    os.close(fd)
+            reader = procs[1].stdout
+        lines = Lines(reader, None)
+        first = _recv(lines, time.monotonic() + budget)
+        if not isinstance(first, dict) or first.get("ready" if mode == "stdio" else "loaded") not in (1, True):
+            for j in range(start, n):
+                status[j] = "not_loaded"
+            return -1
+        for j in range(start, n):
+            msg = _recv(lines, time.monotonic() + budget)
+            if not isinstance(msg, dict) or msg.get("j") != j:
+                status[j] = "killed"  # crashed, hung past the deadline, or garbled
+                return j
+            if mode == "stdio":
+                out = msg.get("out")
+                passed[j] = isinstance(out, str) and _norm(out) == _norm(tests[j]["output"])
+                status[j] = "pass" if passed[j] else "fail"
+            else:
+                st = msg.get("status")
+                status[j] = st if st in ("pass", "fail", "killed") else "killed"
+                passed[j] = status[j] == "pass"
+                if status[j] == "killed":
+                    return j
+        return n
     finally:
-        sel.close()
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    for f in (proc.stdout, proc.stdin):
-        if f is not None:
-            f.close()
+        for p in procs:
+            p.kill()
 
 
 def run_sample(code: str, tests: Sequence[Test], cfg: Optional[SandboxConfig] = None) -> SampleResult:
-    """Run one solution against its tests in the sandbox (module docstring). Never raises for a bad solution."""
+    """Run one solution against its tests in the sandbox (module docstring). Never raises for a bad solution;
+    raises SandboxUnavailable where the configured sandbox cannot run."""
     cfg = cfg or SandboxConfig()
     mode = _check_tests(tests)
     n = len(tests)
@@ -288,56 +211,16 @@ def run_sample(code: str, tests: Sequence[Test], cfg: Optional[SandboxConfig] = 
     status = ["fail"] * n
     try:
         compile(code, "<solution>", "exec")
-        compiles = True
     except (SyntaxError, ValueError):
-        compiles = False
-    if not compiles:
         return SampleResult(passed, ["not_loaded"] * n, 0, time.monotonic() - t0)
-    prefix = _net_prefix() if cfg.network == "auto" else []
-    workdir = tempfile.mkdtemp(prefix="flowrl-sandbox-")
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
-           "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1",
-           "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     start, restarts = 0, 0
-    try:
-        while start < n:
-            nonce = secrets.token_hex(8)
-            payload = {"nonce": nonce, "code": code, "tests": list(tests), "start": start, "mode": mode,
-                       "compiles": True, "time_limit": cfg.time_limit,
-                       "memory_bytes": int(cfg.memory_limit_mb) << 20, "fsize_bytes": int(cfg.fsize_mb) << 20,
-                       "cpu_seconds": int(cfg.time_limit * (n - start + 1) + cfg.grace + 1)}
-            proc = subprocess.Popen(prefix + [sys.executable, "-I", "-c", _CHILD], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=workdir, env=env,
-                                    start_new_session=True)
-            buf = bytearray()
-            try:
-                proc.stdin.write((json.dumps(payload) + "\n").encode())
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass
-            budget = cfg.time_limit + cfg.grace
-            line = _read_line(proc, buf, time.monotonic() + budget)
-            if line is None or line != f"{nonce} R 1".encode():  # the solution did not load: every test fails
-                for j in range(start, n):
-                    status[j] = "not_loaded"
-                _kill(proc)
-                break
-            j = start
-            while j < n:
-                line = _read_line(proc, buf, time.monotonic() + budget)
-                m = re.fullmatch(rf"{nonce} T (\d+) ([01])".encode(), line) if line is not None else None
-                if m is None or int(m.group(1)) != j:  # crashed, hung past the deadline, or garbled: test j fails
-                    status[j] = "killed"
-                    break
-                passed[j] = m.group(2) == b"1"
-                status[j] = "pass" if passed[j] else "fail"
-                j += 1
-            _kill(proc)
-            if j < n:
-                restarts += 1
-            start = j + 1 if j < n else n
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    while start < n:
+        j = _run_once(code, tests, mode, start, cfg, passed, status)
+        if j < 0:
+            break
+        if j < n:
+            restarts += 1
+        start = j + 1
     return SampleResult(passed, status, restarts, time.monotonic() - t0)
 
 
@@ -441,15 +324,18 @@ class CodeTestsReward(Reward):
     Parts: ``<name>`` (r_i), ``<name>/all_pass``, ``<name>/dense``, ``<name>/pass_rate``, ``<name>/killed``
     (tests that crashed or hung).
 
-    Options: time_limit, memory_limit_mb, grace, network, workers, dense_weight (lam; 0 = all-pass outcome
-    only), extract ("auto" | "fenced" | "none").
+    Options: time_limit, memory_limit_mb, grace, workers, dense_weight (lam; 0 = all-pass outcome only),
+    extract ("auto" | "fenced" | "none"), sandbox ("bwrap", the default, isolates and is checked when the reward
+    is built: SandboxUnavailable names the fix; "unsafe-process" runs untrusted code without isolation).
     """
 
     def __init__(self, *, name: Optional[str] = None, on_error: str = "raise", time_limit: float = 2.0,
-                 memory_limit_mb: int = 1024, grace: float = 3.0, network: str = "auto", workers: int = 2,
+                 memory_limit_mb: int = 1024, grace: float = 3.0, sandbox: str = "bwrap", workers: int = 2,
                  dense_weight: float = 0.5, extract: str = "auto"):
         super().__init__(name=name, on_error=on_error)
-        self.cfg = SandboxConfig(time_limit=time_limit, grace=grace, memory_limit_mb=memory_limit_mb, network=network)
+        self.cfg = SandboxConfig(time_limit=time_limit, grace=grace, memory_limit_mb=memory_limit_mb, sandbox=sandbox)
+        if sandbox == "bwrap" and sandbox_status(sandbox) != "ok":  # refuse before training starts, not mid-run
+            raise SandboxUnavailable(sandbox_status(sandbox))
         if workers < 1:
             raise ValueError(f"code_tests workers must be >= 1; got {workers}")
         if not dense_weight >= 0:
