@@ -6,7 +6,7 @@ import torch
 
 import reference
 
-from flowrl.core.advantages import discounted_suffix_sum, masked_discounted_scan
+from flowrl.core.kernels.scan import discounted_suffix_sum, masked_discounted_scan
 from flowrl.core.masks import first_valid_index, last_valid_index, row_counts, run_layout, zero_off_mask_
 
 pytestmark = pytest.mark.usefixtures("core_path")  # each test on the native kernels and on the torch path
@@ -88,7 +88,7 @@ def test_masked_discounted_scan_without_holes_matches_the_recurrence(layout):
 
 def test_step_sums_fused_and_plain_agree_with_a_loop():
     """EMPG's per-step counts and sums: the one-scatter (complex) path, the two-scatter path and a loop."""
-    from flowrl.core.credit import step_sums
+    from flowrl.core.kernels.rows import step_sums
 
     g = torch.Generator().manual_seed(5)
     B, T, S = 6, 29, 4
@@ -111,7 +111,7 @@ def test_step_sums_fused_and_plain_agree_with_a_loop():
 
 def test_compact_and_expand_by_hand():
     """compaction moves each row's valid actions to its front, in order; expand is its inverse on valid actions."""
-    from flowrl.core.advantages import compact, compaction_index, expand
+    from flowrl.core.kernels.scan import compact, compaction_index, expand
 
     mask = torch.tensor([[0, 1, 0, 1, 1], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
     x = torch.tensor([[9.0, 1.0, 9.0, 2.0, 3.0], [4.0, 9.0, 9.0, 9.0, 9.0], [9.0] * 5])

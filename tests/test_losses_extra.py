@@ -1,4 +1,4 @@
-"""OREAL, PACS and ETR losses (flowrl.core.losses_extra) against loop references from the papers' formulas."""
+"""OREAL, PACS and ETR losses (flowrl.core.losses) against loop references from the papers' formulas."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flowrl.core import LOSSES, compute_policy_loss
-from flowrl.core.losses_extra import oreal_token_rm_loss, oreal_token_weights
+from flowrl.core import oreal_token_rm_loss, oreal_token_weights
 from reference import loss_inputs
 
 SEEDS = [0, 1, 2]
@@ -213,4 +213,4 @@ def test_etr_widens_with_advantage():
 
 def test_registered():
     for name in ("oreal", "pacs", "etr"):
-        assert LOSSES[name].__module__ == "flowrl.core.losses_extra"
+        assert LOSSES[name].__module__ == "flowrl.core.losses"

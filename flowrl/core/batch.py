@@ -5,7 +5,7 @@ trajectory of tokens whose reasoning steps are runs of tokens; a flow model's SD
 trajectory of denoising steps (there ``T == S`` and ``step[b, t] == t``).
 
 Model-specific tensors (latents, timesteps, token ids) travel beside the batch; the core never reads
-them. See ``shared/design.md`` for the table of fields.
+them. The fields, their shapes and meanings are listed in ``TrajectoryBatch``'s docstring.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
-from . import native
+from .kernels import native, use_native
+from .masks import last_valid_index
 
 # (name, dtype kind, shape spec) for every tensor field; "B", "T", "S" are symbolic sizes.
 _FIELDS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -39,7 +40,7 @@ _OPTIONAL = tuple(k for k in _FIELDS if k not in _REQUIRED)
 class TrajectoryBatch:
     """A batch of trajectories with rewards.
 
-    Fields (shapes in the design's notation):
+    Fields (B trajectories, T actions, S steps):
         group: long [B]. Prompt id; samples of one prompt share it, unique across ranks.
         mask: bool [B, T]. True on a real action (not padding, not a tool observation).
         step: long [B, T]. Step index of each action, in [0, S).
@@ -274,7 +275,7 @@ def _dtype_ok(t: Tensor, kind: str) -> bool:
 def broadcast_to_actions(adv: Tensor, mask: Tensor) -> Tensor:
     """Broadcast a per-trajectory value float [B] to every valid action: float [B, T], 0 where ``mask`` is False.
     On CPU one native pass (``native.broadcast_rows``: about the memory floor, half a ``where``'s time)."""
-    if mask.dim() == 2 and adv.dim() == 1 and native.usable(adv, mask):
+    if mask.dim() == 2 and adv.dim() == 1 and use_native(adv, mask):
         return native.broadcast_rows(adv, mask)
     return torch.where(mask, adv[:, None].to(torch.float32), torch.zeros((), dtype=torch.float32, device=mask.device))
 
@@ -290,9 +291,28 @@ def gather_steps(per_step: Tensor, step: Tensor, mask: Tensor, *,
     """
     S = per_step.shape[1]
     per = torch.nan_to_num(per_step.to(torch.float32), nan=0.0)  # [B, S]: small
-    if S > 0 and step.dtype == torch.int64 and native.usable(per, step, mask):
+    if S > 0 and step.dtype == torch.int64 and use_native(per, step, mask):
         return native.gather_steps(per, step, mask)  # one fused pass (it clamps step itself)
     lo, hi = step.aminmax() if step_range is None else step_range
     idx = step if bool((lo >= 0) & (hi < S)) else step.clamp(0, max(S - 1, 0))
     out = torch.gather(per, 1, idx.long())
     return torch.where(mask, out, torch.zeros((), dtype=out.dtype, device=out.device), out=out)
+
+
+def last_action_index(mask: Tensor) -> Tensor:
+    """Index of the last True action of each row: long [B] (0 for a row with none)."""
+    return last_valid_index(mask).clamp_min(0)
+
+
+def outcome_at_end(outcome: Tensor, mask: Tensor) -> Tensor:
+    """float [B, T]: ``outcome`` [B] on each row's last valid action, 0 elsewhere (and on empty rows)."""
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    return add_outcome_at_end_(out, outcome, mask)
+
+
+def add_outcome_at_end_(rewards: Tensor, outcome: Tensor, mask: Tensor, *, last: Tensor | None = None) -> Tensor:
+    """rewards[b, last valid action of b] += outcome[b], in place (rows without actions unchanged); ``last`` is
+    ``last_valid_index(mask)`` when the caller has it."""
+    last = last_valid_index(mask) if last is None else last
+    r = torch.where(last >= 0, outcome.to(torch.float32), torch.zeros((), device=mask.device))
+    return rewards.scatter_add_(1, last.clamp_min(0)[:, None], r[:, None])

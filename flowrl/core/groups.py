@@ -12,14 +12,14 @@ different numbers of samples; the gather pads to the largest (one host sync for 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from . import native
+from .kernels import use_native
+from .kernels.rows import whiten_native_
 from .masks import row_counts
 
 
@@ -274,14 +274,14 @@ def whiten_zeroed_(out: Tensor, mask: Tensor, *, eps: float = 1e-8, distributed:
     """``masked_whiten`` in place of a contiguous float32 ``out`` that is already 0 where ``mask`` is False
     (e.g. an estimator's own return buffer). Returns ``out``.
 
-    On CPU with the native kernels (``flowrl.core.native``): the count, sum and sum of squares over the valid
-    actions in float64 (``row_sums`` = (sum, sum of squares) float64 [B] of out's rows when the caller has
-    them, e.g. from the fused scan; else one pass), then one in-place pass (x - mean) * rsqrt(var + eps).
-    When the sum of squares has lost more than six of float64's digits to the mean, the variance is taken
-    again around the mean (two passes, as the torch path). Elsewhere: two reductions and three in-place passes.
+    mean = sum(out) / N, var = sum((out - mean)^2) / (N - 1) over the N valid actions (global batch when
+    distributed); out = (out - mean) * rsqrt(var + eps) on the mask. Torch: two reductions and three in-place
+    passes. On CPU the native kernels take it (``kernels.rows.whiten_native_``: float64 sums, one in-place pass),
+    using ``row_sums`` = (sum, sum of squares) float64 [B] of out's rows when the caller has them (the fused scan
+    returns them).
     """
-    if mask.dim() == 2 and out.is_contiguous() and native.usable(out, mask):
-        return _whiten_native_(out, mask, row_sums, eps, distributed)
+    if mask.dim() == 2 and out.is_contiguous() and use_native(out, mask):
+        return whiten_native_(out, mask, row_sums, eps, all_reduce_sum if use_distributed(distributed) else None)
     zero = torch.zeros((), dtype=torch.float32, device=mask.device)
     n = (row_counts(mask) if mask.dim() == 2 else mask.sum()).sum().to(torch.float32)
     stats = torch.stack([n, out.sum()])
@@ -296,31 +296,6 @@ def whiten_zeroed_(out: Tensor, mask: Tensor, *, eps: float = 1e-8, distributed:
         ss = all_reduce_sum(ss)
     var = ss / (n - 1).clamp_min(1)
     return out.mul_(torch.rsqrt(var + eps))
-
-
-_NATIVE_MIN_KEEP = 1e-6  # the one-pass variance must keep this share of the float64 sum of squares
-
-
-def _whiten_native_(out: Tensor, mask: Tensor, row_sums: Optional[tuple[Tensor, Tensor]], eps: float,
-                    distributed: Optional[bool]) -> Tensor:
-    rs, rq = native.row_sums(mask, out, squares=True) if row_sums is None else row_sums
-    f64 = torch.float64
-    stats = torch.stack([row_counts(mask).sum().to(f64), rs.sum(), rq.sum()])
-    dist_on = use_distributed(distributed)
-    if dist_on:
-        stats = all_reduce_sum(stats)
-    n, s1, s2 = stats.tolist()
-    mean = s1 / max(n, 1.0)
-    ss = s2 - n * mean * mean
-    if ss <= _NATIVE_MIN_KEEP * s2 and s2 > 0:  # cancellation: centre (in float32), then sums again
-        native.affine_masked_(out, mask, mean, 1.0)
-        rs, rq = native.row_sums(mask, out, squares=True)
-        st = torch.stack([rs.sum(), rq.sum()])
-        s1, s2 = (all_reduce_sum(st) if dist_on else st).tolist()
-        mean = s1 / max(n, 1.0)  # what rounding the mean to float32 left
-        ss = s2 - n * mean * mean
-    inv = 1.0 / math.sqrt(max(ss, 0.0) / max(n - 1.0, 1.0) + eps)
-    return native.affine_masked_(out, mask, mean, inv)
 
 
 def whiten_rows(values: Tensor, counts: Tensor, *, eps: float = 1e-8, distributed: Optional[bool] = None) -> Tensor:

@@ -6,7 +6,7 @@ each of these in one pass: a fused discounted scan with its reward, critic and w
 whitening's apply step; per-trajectory broadcasts, per-step gathers and sums; and compute_advantages' final
 masking with its finiteness check.
 
-When they run: CPU tensors, no autograd through the inputs, and a C compiler (``$CC`` or ``cc``) that built
+When they run (decided per call by ``flowrl.core.kernels.use_native``, the one dispatch): CPU tensors, no autograd through the inputs, and a C compiler (``$CC`` or ``cc``) that built
 the library (once per source version, cached in ``$FLOWRL_CACHE`` or ``~/.cache/flowrl``; about a second).
 Otherwise the torch path runs (CUDA always does), with the same results to float32 rounding;
 ``tests/test_core_native.py`` checks both against loop references. ``FLOWRL_NATIVE=0`` turns the kernels
@@ -145,16 +145,6 @@ def simd(flag: Optional[bool] = None) -> bool:
     if lib is None:
         return False
     return bool(lib.flowrl_simd(-1 if flag is None else int(flag)))
-
-
-def usable(*tensors: Optional[Tensor]) -> bool:
-    """True when the kernels may take these tensors: all on CPU, no autograd through them, kernels built."""
-    for t in tensors:
-        if t is None:
-            continue
-        if t.device.type != "cpu" or (t.requires_grad and torch.is_grad_enabled()):
-            return False
-    return library() is not None
 
 
 # ----------------------------------------------------------------------------- calling convention
