@@ -251,7 +251,6 @@ TINY_ARITH = ["prompts_per_iter=2", "group_size=4", "eval.every=100", "llm.eval_
               "progress=false", "trackers=[]", "save_every=1", "max_minutes=0"]
 
 
-@pytest.mark.xfail(strict=True, reason="needs the loop change (check_run_dir resumes through find_resumable)")
 def test_train_resumes_past_a_truncated_newest_checkpoint_and_names_it(tmp_path, capfd):
     """configs/arith/grpo.yaml, 2 iterations saved at 1 and 2; step 2's weights truncated; --resume to 3 goes back
     to step 1, says so, and recomputes step 2 bit for bit."""
@@ -275,7 +274,6 @@ def test_train_resumes_past_a_truncated_newest_checkpoint_and_names_it(tmp_path,
     assert [r["step"] for r in read_metrics(out) if r["split"] == "train"] == [1, 2, 3]
 
 
-@pytest.mark.xfail(strict=True, reason="needs the loop change (check_run_dir resumes through find_resumable)")
 def test_cli_resume_with_no_sound_checkpoint_is_one_line_without_traceback(tmp_path):
     """Checked before any model is built: runs in a second."""
     ck = tmp_path / "run" / "checkpoints"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 from flowrl.config import to_dict
 from flowrl.core import compute_advantages, zero_variance_filter
 from flowrl.train.checkpoint import (
-    CheckpointError, config_fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint,
+    CheckpointError, config_fingerprint, find_resumable, latest_checkpoint, load_checkpoint, save_checkpoint,
 )
 from flowrl.train.config import TrainConfig
 from flowrl.train.ema import EMA
@@ -54,21 +55,27 @@ def _mean_metrics(rows: list[dict]) -> dict[str, float]:
 
 
 def check_run_dir(out_dir: Path, cfg: TrainConfig, resume: bool) -> tuple[str, Optional[Any]]:
-    """Config fingerprint and the checkpoint to resume from; refuse mismatches before any compute."""
+    """Config fingerprint and the checkpoint to resume from: the newest one that verifies, each damaged one
+    skipped named on stderr. Refuse mismatches before any compute."""
     fp = config_fingerprint(to_dict(cfg), ignore=RESUMABLE_KEYS)
-    ckpt = latest_checkpoint(out_dir / "checkpoints")
-    if resume:
-        if ckpt is None:
-            raise CheckpointError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}; start without --resume")
-        if ckpt.meta.get("fingerprint") != fp:
-            raise CheckpointError(
-                f"--resume: {out_dir} was written by a different config (fingerprint {ckpt.meta.get('fingerprint')} "
-                f"!= {fp}); only {list(RESUMABLE_KEYS)} may change on resume. Use the same config or a new --out"
-            )
-    elif ckpt is not None:
-        raise CheckpointError(f"{out_dir} already holds checkpoints (step {ckpt.step}); pass --resume to continue "
-                              "or choose a new --out directory")
-    return fp, ckpt if resume else None
+    root = out_dir / "checkpoints"
+    if not resume:
+        used = latest_checkpoint(root)  # any checkpoint directory, damaged or not, means the directory is in use
+        if used is not None:
+            raise CheckpointError(f"{out_dir} already holds checkpoints (step {used.step}); pass --resume to "
+                                  "continue or choose a new --out directory")
+        return fp, None
+    ckpt, skipped = find_resumable(root)  # CheckpointError (one line) when checkpoints exist but none verifies
+    for s in skipped:
+        print(f"warning: --resume: skipping damaged checkpoint {s}", file=sys.stderr, flush=True)
+    if ckpt is None:
+        raise CheckpointError(f"--resume: no checkpoint under {root}; start without --resume")
+    if ckpt.meta.get("fingerprint") != fp:
+        raise CheckpointError(
+            f"--resume: {out_dir} was written by a different config (fingerprint {ckpt.meta.get('fingerprint')} "
+            f"!= {fp}); only {list(RESUMABLE_KEYS)} may change on resume. Use the same config or a new --out"
+        )
+    return fp, ckpt
 
 
 def make_accelerator(cfg: TrainConfig, out_dir: Path):
