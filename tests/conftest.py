@@ -25,7 +25,7 @@ def core_path(request):
     The native kernels must build on the test machine (a C compiler is part of the set-up): a failed build
     fails the "native" run instead of silently testing the torch path twice. FLOWRL_NATIVE is set as well, for
     the processes a test spawns."""
-    from flowrl.core import native
+    from flowrl.core.kernels import native
 
     old = os.environ.get("FLOWRL_NATIVE")
     os.environ["FLOWRL_NATIVE"] = "1" if request.param == "native" else "0"

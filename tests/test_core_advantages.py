@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import reference as ref
-from flowrl.core import ADVANTAGES, TrajectoryBatch, compute_advantages, register_advantage
+from flowrl.core import ADVANTAGES, TrajectoryBatch, compute_advantages, min_group_size, register_advantage
 from flowrl.core.batch import outcome_at_end
 from flowrl.core.estimators.common import discounted_returns
 
@@ -45,8 +45,8 @@ BATCHES = {
 }
 
 
-def test_every_issue2_estimator_is_registered_and_tested():
-    # other modules register more estimators (their own tests cover them); these are issue 2's
+def test_every_referenced_estimator_is_registered_and_tested():
+    # the estimators with a loop reference in tests/reference.py; the others are tested in tests/test_credit*.py
     assert {name for name, _ in CASES} == set(ref.ESTIMATORS)
     assert set(ref.ESTIMATORS) <= set(ADVANTAGES)
 
@@ -273,3 +273,35 @@ def test_masked_discounted_scan_matches_the_recurrence(c, T):
     mask[0] = False  # an empty row
     mask[1] = True  # a full row
     torch.testing.assert_close(masked_discounted_scan(x, mask, c), ref.discounted_scan(x, mask, c), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- min_group_size
+GROUP_SIZE = {  # 2 where the estimator's statistic compares the samples of a group
+    "grpo": 2, "dr_grpo": 2, "rloo": 2, "reinforce_pp_baseline": 2, "gdpo": 2, "reinforce_pp": 1, "gae": 1,
+    "prime": 2, "empg": 2, "stepwise_grpo": 2, "tp_grpo": 2, "step_returns": 1, "dual_level": 2, "igpo": 1,
+    "spae": 2, "tree_mc": 2, "salt": 2,
+}
+
+
+def test_min_group_size_of_every_estimator():
+    assert {n: min_group_size(n) for n in ADVANTAGES} == GROUP_SIZE
+    with pytest.raises(KeyError, match=r"unknown advantage estimator 'grp0'; valid: \[.*'grpo'"):
+        min_group_size("grp0")
+
+
+@pytest.mark.parametrize("name", sorted(GROUP_SIZE))
+def test_groups_of_one_carry_no_outcome_exactly_where_min_group_size_is_2(name):
+    """On a batch of singleton groups, an estimator that needs two samples per group ignores the outcome (most
+    give a constant 0; empg and spae keep only their step terms); one that needs one does not."""
+    gen = torch.Generator().manual_seed(3)
+    b = ref.make_batch(gen, sizes=(1,) * 9, S=4, empty_row=False, parts=("acc", "fmt"))
+    b = dataclasses.replace(b, step_reward=torch.nan_to_num(b.step_reward, nan=0.5).sigmoid())  # probes: finite
+    # another outcome for every sample (reversed: not an affine map, which a whitening would undo)
+    other = dataclasses.replace(b, outcome=b.outcome.flip(0) + 1,
+                                outcome_parts={k: v.flip(0) + 1 for k, v in b.outcome_parts.items()})
+    params = {"step_returns": {"outcome_coef": 1.0}}.get(name, {})
+    a, a2 = compute_advantages(name, b, **params), compute_advantages(name, other, **params)
+    if GROUP_SIZE[name] == 2:
+        torch.testing.assert_close(a, a2, rtol=0, atol=0)
+    else:
+        assert float((a - a2).abs().max()) > 1e-3

@@ -134,7 +134,7 @@ def clip_delta(step_rewards: Tensor, *, mode: str = "clip_delta", eta: float = 0
     step K; the sum over the trajectory telescopes to r_1 (bounded, no gain from repeating steps).
     "clip_delta" applies Clip, then Delta. Present steps are the non-NaN entries (they need not be a
     prefix: Delta pairs each with the next present one); NaN entries stay NaN.
-    Chosen ([recall]): eta is a threshold given by the caller (the paper suggests a PRM-score quantile), default 0.
+    This library's choice: eta is a threshold given by the caller (the paper suggests a PRM-score quantile), default 0.
 
     step_rewards: float [B, S]. Returns float [B, S].
     """
@@ -164,7 +164,7 @@ def renorm(process: Tensor, outcome: Tensor) -> Tensor:
 
     r~_k = r_{p,k} + r_o - 1 with r_p in [0, 1] (principle PRM score) and r_o in {0, 1}: a failed
     trajectory (r_o = 0) can never net a positive process reward, a successful one never a negative.
-    Chosen ([recall]): exactly this additive form. process: float [B] or [B, S] (NaN kept); outcome: float [B].
+    This library's choice: exactly this additive form. process: float [B] or [B, S] (NaN kept); outcome: float [B].
     Returns the shape of ``process``.
     """
     o = _finite("renorm: outcome", _vec("renorm: outcome", outcome, process.shape[0])).to(torch.float32)
@@ -262,7 +262,7 @@ def partial_credit(
     gamma_i = |gold entities found in i's reasoning| / |gold entities| (``match_rate``, in [0, 1]);
     gamma^_i = gamma_i / max_{j in g(i)} gamma_j (0 when the group's max is 0).
     R_i = 1 if correct; alpha * gamma^_i if incorrect; -format_penalty where ``format_ok`` is False.
-    Chosen ([sum/recall]): alpha = 0.1 (small, < 1, so a wrong answer never earns near a right one) and
+    This library's choice: alpha = 0.1 (small, < 1, so a wrong answer never earns near a right one) and
     format_penalty = 0. correct: bool [B]; match_rate: float [B]; group: long [B]. Returns float [B].
     """
     B = correct.shape[0]
@@ -290,7 +290,7 @@ def weighted_tests(
     over the group's real tests (uniform weights when every rollout passes every test);
     dense_i = sum_j w_{g(i),j} * pass_{i,j} in [0, 1];
     R_i = all_pass_weight * 1[i passes all its tests] + dense_weight * dense_i.
-    Chosen ([sum/recall]): weights proportional to 1 - rho, and dense_weight < all_pass_weight so full
+    This library's choice: weights proportional to 1 - rho, and dense_weight < all_pass_weight so full
     correctness dominates. passes: bool [B, U]; test_mask: bool [B, U] (real tests, default all);
     group: long [B]. Returns float [B].
     """

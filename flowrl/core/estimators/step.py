@@ -2,8 +2,9 @@
 
 Per-step rewards come in ``batch.step_reward`` float [B, S] (NaN: no value at this step); per-step advantages
 reach the actions through ``batch.step``. The conventions (present steps, probe values at the start of a step)
-are stated in ``flowrl.core.estimators.common``. Every estimator here except ``step_returns`` normalises
-within a group, so it is registered with ``min_group_size=2``.
+are stated in ``flowrl.core.estimators.common``. Those that compare the samples of a group (a group of one
+gets a constant 0, or loses its outcome term) are registered with ``min_group_size=2``; ``step_returns`` (no
+baseline) and ``igpo`` (its normalisation pools the turns of a group, so one rollout still has a statistic) with 1.
 """
 from __future__ import annotations
 
@@ -197,7 +198,7 @@ def dual_level(
 
 
 # ----------------------------------------------------------------------------- IGPO
-@register_advantage("igpo", requires=("step_reward",), min_group_size=2)
+@register_advantage("igpo", requires=("step_reward",))
 def igpo(batch: TrajectoryBatch, *, gamma: float = 1.0, eps: float = 1e-4) -> Tensor:
     """IGPO (arXiv 2510.14967): turn-level information-gain rewards, group-normalised, discounted.
 
@@ -207,7 +208,8 @@ def igpo(batch: TrajectoryBatch, *, gamma: float = 1.0, eps: float = 1e-4) -> Te
     (the answer turn's F1 / correctness). r~ = (r - mean_g) / (std_g + eps) over **all present turns of all
     rollouts of the group** (pooled); A_{i,k} = sum_{k' >= k} gamma^{k'-k} r~_{i,k'}, on every action of turn k.
     gamma = 1 by default (IGPO's released discounted variant uses 0.5: pass gamma=0.5 to match it).
-    The normalisation compares the rollouts of a group (``min_group_size`` 2).
+    The normalisation pools turns, not rollouts: a group of one still compares its outcome turn with its
+    information gains, so the outcome reaches the policy (``min_group_size`` 1).
     p must be finite on turns 0..L_i of every valid sample.
 
     Returns float [B, T].
