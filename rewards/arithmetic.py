@@ -1,6 +1,6 @@
 """The embedded arithmetic step verifier: an exact check of every step of a column-arithmetic solution.
 
-Format (the embedded arithmetic LM is trained on it; see ``/work/shared/research/embedded_tasks.md``)::
+Format (the embedded arithmetic LM is trained on it)::
 
     prompt      Q:347+985\\n
     completion  7+5+0=12\\n4+8+1=13\\n3+9+1=13\\nA:1332
@@ -166,7 +166,8 @@ def _score_lines(prompt: str, lines: Sequence[str]) -> tuple[list[float], bool, 
         m = _ANSWER_RE.match(s)
         if m is not None:
             answered = True
-            correct = int(m.group(1)) == truth
+            # int() of over 4300 digits raises (CPython's limit); no true result is that long
+            correct = len(m.group(1)) <= 1000 and int(m.group(1)) == truth
             scores.append(float("nan"))
             exact = exact and k == len(ref)
             continue

@@ -23,7 +23,7 @@ Process rewards::
 Failure policy (``on_error``): ``"raise"`` (default) lets a failure or a non-finite score raise
 :class:`RewardError` naming the reward; ``"mask"`` re-scores the batch sample by sample, puts NaN in
 every part of each sample that still fails and adds a bool part ``"<name>/valid"``. Nothing becomes a
-silent zero. :func:`build_rewards` combines several rewards with weights (``flowrl.core.shaping.weighted_sum``)
+silent zero. :func:`build_rewards` combines several rewards with weights (``flowrl.core.weighted_sum``)
 and reports the invalid count.
 
 Offline weights: :func:`hub_guard` turns the hub's "not cached and offline" errors (and a missing local
@@ -41,12 +41,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowrl.core.shaping import weighted_sum
+from flowrl.core import weighted_sum
+from flowrl.core.registry import Registry, import_submodules
 
 Samples = Union[Tensor, Sequence[Any], Sequence[str]]
 Meta = Optional[Mapping[str, Any]]
 Parts = dict[str, Tensor]
 ON_ERROR = ("raise", "mask")
+# parts "<name>/<reason>" (1 where a sample scored 0 for that reason) whose counts go to the metrics
+_COUNTED = ("/timeout", "/rejected")
 
 
 class RewardError(RuntimeError):
@@ -231,27 +234,32 @@ class FunctionReward(Reward):
 
 
 # --------------------------------------------------------------------------------------------- registry
-REWARDS: dict[str, Callable[..., Reward]] = {}
-PROCESS_REWARDS: dict[str, Callable[..., Any]] = {}
+# Modules of flowrl.rewards that register nothing (importing them to fill the registries is wasted work).
+_NOT_PLUGINS = ("base", "safe_eval", "deadline", "server")
 
 
-def _register(table: dict, kind: str, name: str):
-    def deco(obj):
-        if name in table:
-            raise ValueError(f"{kind} {name!r} is already registered (by {table[name]!r})")
-        if inspect.isclass(obj) and "name" not in vars(obj):
-            obj.name = name  # default key of the score part
-        table[name] = obj
-        return obj
+def _load_builtin() -> dict[str, str]:
+    """Import every module of ``flowrl.rewards`` (they register themselves on import); {module: error}."""
+    return import_submodules("flowrl.rewards", exclude=_NOT_PLUGINS)
 
-    return deco
+
+# name -> reward class or factory ``(**options) -> Reward``; lazily complete (the loader runs on first lookup)
+REWARDS = Registry("reward", loader=_load_builtin)
+# name -> process-reward class or factory ``(**options) -> FlowProcessReward | TextProcessReward``
+PROCESS_REWARDS = Registry("process reward", loader=_load_builtin)
+
+
+def _named(name: str, obj):
+    if inspect.isclass(obj) and "name" not in vars(obj):
+        obj.name = name  # default key of the score part
+    return obj
 
 
 def register_reward(name: str):
     """Decorator: register an outcome-reward class (or a factory ``(**kwargs) -> Reward``) under ``name``.
 
     A decorated plain function with the signature ``(samples, prompts, meta)`` is registered as a
-    model-free reward (wrapped in :class:`FunctionReward`).
+    model-free reward (wrapped in :class:`FunctionReward`) whose only options are ``name`` and ``on_error``.
     """
 
     def deco(obj):
@@ -261,13 +269,12 @@ def register_reward(name: str):
             if params[:3] == ["samples", "prompts", "meta"]:
                 fn, registered = obj, name
 
-                def target(*, name: str = name, on_error: str = "raise", **kw):  # noqa: F811
-                    if kw:
-                        raise TypeError(f"reward {name!r} takes no options besides name/on_error; got {sorted(kw)}")
+                def target(*, name: str = name, on_error: str = "raise"):  # noqa: F811
                     return FunctionReward(fn, name=name, on_error=on_error, registered=registered)
 
-                target.__doc__ = fn.__doc__
-        _register(REWARDS, "reward", name)(target)
+                # the registry tells two plug-ins apart by qualified name: give the wrapper the function's
+                target.__doc__, target.__module__, target.__qualname__ = fn.__doc__, fn.__module__, fn.__qualname__
+        REWARDS.register(name)(_named(name, target))
         return obj
 
     return deco
@@ -275,61 +282,24 @@ def register_reward(name: str):
 
 def register_process_reward(name: str):
     """Decorator: register a process-reward class or factory under ``name`` (flow or text)."""
-    return _register(PROCESS_REWARDS, "process reward", name)
 
+    def deco(obj):
+        return PROCESS_REWARDS.register(name)(_named(name, obj))
 
-_IMPORT_ERRORS: dict[str, str] = {}
-
-
-def _ensure_loaded() -> None:
-    """Import every module of ``flowrl.rewards`` (they register rewards on import), lazily, so that
-    ``import flowrl.rewards.base`` stays light. A module that fails to import is remembered and named in
-    the error of a lookup that misses (it does not stop the other rewards from building)."""
-    import importlib
-    import pkgutil
-
-    pkg = importlib.import_module("flowrl.rewards")
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name == "base" or info.name.startswith("_"):
-            continue
-        mod = f"flowrl.rewards.{info.name}"
-        if mod in _IMPORT_ERRORS:
-            continue
-        try:
-            importlib.import_module(mod)
-        except Exception as e:  # remembered and reported by _build
-            _IMPORT_ERRORS[mod] = f"{type(e).__name__}: {e}"
-
-
-def _build(table: dict, kind: str, name: str, kwargs: dict):
-    _ensure_loaded()
-    if name not in table:
-        extra = f"; modules that failed to import: {_IMPORT_ERRORS}" if _IMPORT_ERRORS else ""
-        raise KeyError(f"unknown {kind} {name!r}; registered: {sorted(table)}{extra}")
-    factory = table[name]
-    try:
-        sig = inspect.signature(factory)
-        accepts_var = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-        if not accepts_var:
-            unknown = sorted(set(kwargs) - set(sig.parameters))
-            if unknown:
-                valid = sorted(k for k in sig.parameters if k != "self")
-                raise TypeError(f"{kind} {name!r}: unknown option(s) {unknown}; valid options: {valid}")
-    except (TypeError, ValueError) as e:
-        if "unknown option" in str(e):
-            raise
-    return factory(**kwargs)
+    return deco
 
 
 def build_reward(name: str, /, **kwargs: Any) -> Reward:
     """Build the registered outcome reward ``name`` with its options (``on_error``, model paths, ...);
-    ``kwargs["name"]`` (default: ``name``) is the key of its score part."""
-    return _build(REWARDS, "reward", name, kwargs)
+    ``kwargs["name"]`` (default: ``name``) is the key of its score part. An unknown reward raises
+    :class:`~flowrl.core.registry.UnknownNameError`, an option the reward does not take
+    :class:`~flowrl.core.registry.ParameterError` (both name the valid ones)."""
+    return REWARDS.build(name, **kwargs)
 
 
 def build_process_reward(name: str, /, **kwargs: Any):
-    """Build the registered process reward ``name`` with its options."""
-    return _build(PROCESS_REWARDS, "process reward", name, kwargs)
+    """Build the registered process reward ``name`` with its options (errors as :func:`build_reward`)."""
+    return PROCESS_REWARDS.build(name, **kwargs)
 
 
 @dataclass
@@ -337,7 +307,7 @@ class CombinedReward:
     """Several rewards with weights. ``__call__`` returns every part of every reward (the core's
     ``outcome_parts``); :meth:`combine` gives the weighted outcome and validity:
 
-        outcome_i = sum_k w_k * score_k,i          (flowrl.core.shaping.weighted_sum)
+        outcome_i = sum_k w_k * score_k,i          (flowrl.core.weighted_sum)
         valid_i   = AND_k isfinite(score_k,i)
 
     ``rewards``: ``{config key: Reward}``; ``weights``: ``{score part name: float}`` (a reward's ``name``).
@@ -368,6 +338,8 @@ class CombinedReward:
             elif v.dtype != torch.bool:
                 fin = torch.isfinite(v)
                 metrics[f"reward/{k}"] = float(v[fin].mean()) if bool(fin.any()) else float("nan")
+                if k.endswith(_COUNTED):  # samples scored 0 for a reason (deadline, refused answer): how many
+                    metrics[f"reward/{k}/count"] = float(v[fin].sum())
         return outcome, valid, metrics
 
     def score(self, samples: Samples, prompts: Sequence[str], meta: Meta = None) -> tuple[Tensor, Parts, Tensor, dict]:

@@ -14,6 +14,7 @@ reasoning step at its boundary, ``(prompts, steps, meta) -> float [B, S]`` with 
 """
 from __future__ import annotations
 
+import math
 import re
 import threading
 from typing import Any, Optional, Sequence
@@ -21,7 +22,10 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
+from flowrl.core.dtypes import torch_dtype
+
 from .base import Meta, Parts, Reward, hub_guard, register_process_reward, register_reward
+from .scoring import DeadlineScorer
 
 
 def _check_texts(samples: Any, what: str = "samples") -> list[str]:
@@ -116,38 +120,59 @@ def _mv_kwargs() -> tuple[dict, dict]:
     return {"parsing_timeout": None}, {"timeout_seconds": None}
 
 
+def _mv_sample(completion: str, gold: str, answer_tag: Optional[str], require_tag: bool,
+               own_timeout_s: Optional[int] = None) -> tuple[float, float]:
+    """(correct, parsed) of one completion by math-verify (see :func:`math_verify_scores`).
+    ``own_timeout_s``: math-verify's own (signal) timeouts, when on the main thread."""
+    from math_verify import parse, verify
+
+    pk, vk = _mv_kwargs()
+    if own_timeout_s is not None and not pk:
+        pk, vk = {"parsing_timeout": own_timeout_s}, {"timeout_seconds": own_timeout_s}
+    g = parse(str(gold), **pk)
+    if not g:
+        g = parse(f"${gold}$", **pk)
+    if not g:
+        return float("nan"), float("nan")
+    body = extract_tag(completion, answer_tag) if answer_tag else None
+    tagged = body is not None
+    if body is None:
+        body = None if (require_tag and answer_tag) else completion
+    pred = parse(body, **pk) if body is not None else []
+    if not pred and tagged:  # the tag's body is the answer itself: read it as math (x^2+1 needs $...$)
+        pred = parse(f"${body.strip()}$", **pk)
+    return (1.0 if pred and verify(g, pred, **vk) else 0.0), (1.0 if pred else 0.0)
+
+
 def math_verify_scores(completions: Sequence[str], answers: Sequence[str], answer_tag: Optional[str] = "answer",
                        require_tag: bool = False) -> tuple[Tensor, Tensor]:
-    """(correct float [B], parsed float [B]) by math-verify.
+    """(correct float [B], parsed float [B]) by math-verify, in this process (no deadline: the reward
+    :class:`MathVerifyReward` runs each sample in a worker process instead).
 
     The prediction is the body of the last ``<answer_tag>`` block when there is one (read bare, then as
     ``$body$``), else the whole completion (math-verify finds ``\\boxed{}`` / the last expression) or nothing
     when ``require_tag``; ``correct_i = verify(parse(gold_i), parse(pred_i))``. A gold answer that
     math-verify cannot parse (bare, then wrapped in ``$...$``) gives NaN (the reward raises or masks that
     sample): a reference that cannot be checked is never scored 0.
-    """
-    from math_verify import parse, verify
 
-    pk, vk = _mv_kwargs()
-    correct, parsed = [], []
-    for c, g in zip(completions, answers):  # symbolic checks, one by one
-        gold = parse(str(g), **pk)
-        if not gold:
-            gold = parse(f"${g}$", **pk)
-        if not gold:
-            correct.append(float("nan"))
-            parsed.append(float("nan"))
-            continue
-        body = extract_tag(c, answer_tag) if answer_tag else None
-        tagged = body is not None
-        if body is None:
-            body = None if (require_tag and answer_tag) else c
-        pred = parse(body, **pk) if body is not None else []
-        if not pred and tagged:  # the tag's body is the answer itself: read it as math (x^2+1 needs $...$)
-            pred = parse(f"${body.strip()}$", **pk)
-        parsed.append(1.0 if pred else 0.0)
-        correct.append(1.0 if pred and verify(gold, pred, **vk) else 0.0)
-    return torch.tensor(correct, dtype=torch.float32), torch.tensor(parsed, dtype=torch.float32)
+    math-verify reads LaTeX with its own grammar and plain expressions only from digits and operators
+    (``[\\d.\\s+\\-*/^()×÷]``), so no text reaches Python's ``eval`` through it; but sympy may then compute
+    without bound (``$9^{9^{9}}$``), which only a process kill stops.
+    """
+    rows = [_mv_sample(c, g, answer_tag, require_tag) for c, g in zip(completions, answers)]  # symbolic, one by one
+    return (torch.tensor([r[0] for r in rows], dtype=torch.float32),
+            torch.tensor([r[1] for r in rows], dtype=torch.float32))
+
+
+def _mv_item(item: tuple) -> tuple[float, float]:
+    return _mv_sample(*item)
+
+
+def _mv_warm() -> None:
+    """Worker initializer: import math-verify and sympy (seconds) before the first deadline starts."""
+    from math_verify import parse
+
+    parse("$1$")
 
 
 @register_reward("math_verify")
@@ -156,39 +181,44 @@ class MathVerifyReward(Reward):
 
     Options: ``answer_tag`` (default ``"answer"``: read the last ``<answer>...</answer>`` block when present;
     None: the whole completion, where math-verify finds ``\\boxed{}`` or the last expression),
-    ``require_tag`` (no tag block -> 0). Parts: ``<name>``, ``<name>/parsed`` (an answer was found).
+    ``require_tag`` (no tag block -> 0), ``timeout_s`` (each sample's deadline in its worker process, > 0:
+    past it the worker is killed, the sample scores 0 and is counted in ``<name>/timeout``), ``workers``.
+    Parts: ``<name>``, ``<name>/parsed`` (an answer was found), ``<name>/timeout``.
     An unparseable gold answer raises (or, with on_error="mask", marks the sample invalid).
     """
 
     def __init__(self, *, name: Optional[str] = None, on_error: str = "raise", answer_tag: Optional[str] = "answer",
-                 require_tag: bool = False):
+                 require_tag: bool = False, timeout_s: float = 5.0, workers: int = 1):
         super().__init__(name=name, on_error=on_error)
         import math_verify  # noqa: F401  (fail at construction, not at the first batch, if it is missing)
 
         self.answer_tag, self.require_tag = answer_tag, require_tag
+        self.scorer = DeadlineScorer(f"reward {self.name!r}", timeout_s, workers, initializer=_mv_warm)
 
     def score(self, samples, prompts, meta) -> Parts:
         texts = _check_texts(samples)
         answers = _meta_list(meta, "answer", len(texts), f"reward {self.name!r}")
-        correct, parsed = math_verify_scores(texts, answers, self.answer_tag, self.require_tag)
-        return {self.name: correct, f"{self.name}/parsed": parsed}
+        # math-verify's own timeouts (whole seconds) set past the deadline: the kill decides, deterministically
+        own = int(math.ceil(self.scorer.timeout_s)) + 1
+        items = [(c, str(g), self.answer_tag, self.require_tag, own) for c, g in zip(texts, answers)]
+        values, late = self.scorer.map(_mv_item, items)
+        rows = [(0.0, 0.0) if t else v for v, t in zip(values, late)]
+        return {self.name: torch.tensor([r[0] for r in rows], dtype=torch.float32),
+                f"{self.name}/parsed": torch.tensor([r[1] for r in rows], dtype=torch.float32),
+                f"{self.name}/timeout": torch.tensor(late, dtype=torch.float32)}
 
 
 # ---------------------------------------------------------------------------------------------- model loading
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def _load_lm(model: Any, tokenizer: Any, auto_cls: str, device: str, dtype: str, who: str):
     """(model, tokenizer): a path / hub id loaded with ``from_pretrained`` (offline: MissingWeightsError naming
     the id), or objects passed through."""
     import transformers
 
-    if dtype not in _DTYPES:
-        raise ValueError(f"{who}: dtype={dtype!r} is not valid; valid: {sorted(_DTYPES)}")
+    torch_dtype(dtype, who=f"{who}: dtype")  # an unknown name fails before any loading
     if isinstance(model, str):
         how = f"build_{'process_' if 'prm' in who else ''}reward(..., model='/path/to/local/{model.split('/')[-1]}')"
         with hub_guard(model, how):
-            model = getattr(transformers, auto_cls).from_pretrained(model, dtype=_DTYPES[dtype])
+            model = getattr(transformers, auto_cls).from_pretrained(model, dtype=torch_dtype(dtype, who=f"{who}: dtype"))
         model_id = getattr(model, "name_or_path", None)
     else:
         model_id = None

@@ -217,9 +217,9 @@ def test_registry_names_and_unknown_options():
     build_reward("jpeg_compressibility")
     for n in ["clip", "pickscore", "aesthetic", "hpsv2", "jpeg_compressibility", "jpeg_incompressibility"]:
         assert n in REWARDS
-    with pytest.raises(KeyError, match="unknown reward 'nope'.*registered"):
+    with pytest.raises(KeyError, match="unknown reward 'nope'; valid: .*'jpeg_compressibility'"):
         build_reward("nope")
-    with pytest.raises(TypeError, match="unknown option.*'qualty'.*valid options"):
+    with pytest.raises(TypeError, match=r"unknown parameter\(s\) \['qualty'\]; valid: \['quality', 'name', 'on_error'\]"):
         build_reward("jpeg_compressibility", qualty=90)
     with pytest.raises(ValueError, match="on_error='zero'.*valid values"):
         build_reward("jpeg_compressibility", on_error="zero")

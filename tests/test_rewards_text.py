@@ -3,6 +3,7 @@
 models with random weights, saved and reloaded with from_pretrained, against slow one-sample references."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import string
@@ -258,14 +259,17 @@ def test_prm_token_classification_matches_slow_reference(tmp_path, num_labels):
 
 # --------------------------------------------------------------------------------- reasoning-gym tasks
 def countdown_slow(answer, numbers, target):
-    """Countdown's rule, written out: 0.01 for no answer / not an arithmetic expression, 0.05 for the wrong
-    multiset of numbers or the wrong value, 1.0 for the exact target using each number once."""
+    """Countdown's rule, written out: 0.01 for no answer, 0 for text that is not an arithmetic expression (or
+    divides by zero), 0.05 for the wrong multiset of numbers or the wrong value, 1.0 for the exact target
+    using each number once."""
     import ast
     import operator
     import re as _re
 
-    if answer is None or not answer.strip() or not _re.fullmatch(r"[\d+\-*/().\s]*", answer):
+    if answer is None or not answer.strip():
         return 0.01
+    if not _re.fullmatch(r"[\d+\-*/().\s]*", answer):  # not arithmetic: refused, never evaluated
+        return 0.0
     ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
     def ev(n):
@@ -280,9 +284,9 @@ def countdown_slow(answer, numbers, target):
         raise ValueError
 
     try:
-        value = ev(ast.parse(answer, mode="eval"))
+        value = ev(ast.parse(answer.strip(), mode="eval"))
     except (ValueError, SyntaxError, ZeroDivisionError):
-        return 0.01
+        return 0.0
     used = sorted(int(x) for x in _re.findall(r"\d+", answer))
     if used != sorted(numbers):
         return 0.05
@@ -301,13 +305,16 @@ def test_countdown_hand_worked():
         "<answer>25*7</answer>",  # right value, wrong numbers: 0.05
         "<answer>3+7+25+50</answer>",  # right numbers, wrong value: 0.05
         "<answer></answer>",  # empty: 0.01
-        "I think (25+50)*7/3",  # no tag: whole text, not an expression: 0.01
-        "<answer>__import__('os').getcwd()</answer>",  # never evaluated: 0.01
+        "I think (25+50)*7/3",  # no tag: whole text, not an expression: refused, 0
+        "<answer>(25+50)*7/(3-3)</answer>",  # division by zero: refused, 0
         "(25+50)*7/3",  # no tag, the whole completion is the expression: 1.0
+        "<answer>50*7/2 + 0*3*25</answer>",  # 175, but with numbers not given (2, 0): 0.05
     ]
     parts = r(samples, [""] * len(samples), {"entry": [e] * len(samples)})
-    assert parts["reasoning_gym"].tolist() == pytest.approx([1.0, 0.05, 0.05, 0.01, 0.01, 0.01, 1.0])
-    assert parts["reasoning_gym/correct"].tolist() == [1, 0, 0, 0, 0, 0, 1]
+    assert parts["reasoning_gym"].tolist() == pytest.approx([1.0, 0.05, 0.05, 0.01, 0.0, 0.0, 1.0, 0.05])
+    assert parts["reasoning_gym/correct"].tolist() == [1, 0, 0, 0, 0, 0, 1, 0]
+    assert parts["reasoning_gym/rejected"].tolist() == [0, 0, 0, 0, 1, 1, 0, 0]
+    assert parts["reasoning_gym/timeout"].tolist() == [0] * len(samples)
     strict = build_reward("reasoning_gym", require_tag=True, name="rg_strict")
     assert strict(["(25+50)*7/3"], [""], {"entry": [e]})["rg_strict"].tolist() == pytest.approx([0.01])
     with pytest.raises(BAD_INPUT, match="meta\\['entry'\\]"):
@@ -377,3 +384,50 @@ def test_reasoning_gym_bad_task():
 
     with pytest.raises(ValueError, match="no_such_task"):
         make_task_dataset("no_such_task", size=2)
+    with pytest.raises(ValueError, match="'puzzle24x' is not exposed.*'countdown'"):
+        make_task_dataset("puzzle24x", size=2)
+    for unsafe in ("polynomial_multiplication", "simple_integration", "codeio"):  # sympy / eval / code
+        with pytest.raises(ValueError, match=f"'{unsafe}' is not exposed"):
+            make_task_dataset(unsafe, size=2)
+
+
+def test_exposed_tasks_are_the_audited_ones():
+    from reasoning_gym.dataset import ProceduralDataset
+    from reasoning_gym.factory import DATASETS
+
+    from flowrl.rewards.reasoning_gym_tasks import DEFAULT_RULE_TASKS, SCORERS, exposed_tasks
+
+    assert set(exposed_tasks()) == set(DEFAULT_RULE_TASKS) | {"countdown", "puzzle24", "number_sorting", "chain_sum"}
+    for t in DEFAULT_RULE_TASKS:  # our copy of the base rule is the rule reasoning-gym applies to these
+        assert DATASETS[t][0].score_answer is ProceduralDataset.score_answer, t
+        assert SCORERS.meta(t) == {"rule": "default"}
+
+
+def _variants(task, ans):
+    """Answers worth comparing for one reference answer (all plain arithmetic or data, so that reasoning-gym's
+    own scorer can be run on them here as the reference)."""
+    if task == "puzzle24":
+        return [ans, ans.replace("+", "-", 1), ans.replace("*", "+", 1), "(" + ans + ")", "1+2+3+4", "", "24"]
+    if task == "number_sorting":
+        lst = json.loads(ans.replace("'", '"'))
+        return [ans, json.dumps(lst), json.dumps([float(x) + 0.5 for x in lst]), json.dumps(lst[::-1]),
+                json.dumps(lst[:-1]), "[]", "not a list", "{}"]
+    return [ans, f" {ans}", f"{ans}.00", f"+0{ans}", f"x{ans}", ans[:-1], "", "1,000"]
+
+
+@pytest.mark.parametrize("task", ["puzzle24", "number_sorting", "chain_sum", "gcd", "base_conversion", "leg_counting"])
+def test_safe_scorers_agree_with_reasoning_gym_on_plain_answers(task):
+    from reasoning_gym import get_score_answer_fn
+
+    from flowrl.rewards.reasoning_gym_tasks import SCORERS, make_task_dataset
+
+    upstream = get_score_answer_fn(task)
+    rows = make_task_dataset(task, size=6, seed=3)
+    n = 0
+    for row in rows:
+        for a in _variants(task, row["answer"]):
+            ours, reason = SCORERS[task](a, row["entry"])
+            if reason is None:  # refused answers score 0 here by design (reasoning-gym: 0.01 / an eval)
+                assert ours == pytest.approx(upstream(a, row["entry"])), (task, a)
+                n += 1
+    assert n >= 6 * 4
