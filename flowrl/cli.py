@@ -96,13 +96,15 @@ def _sample(args: argparse.Namespace) -> int:
         cfg, task = load_run(args.run)
         pipe = task.pipe
     else:
-        from flowrl.train.flow_task import load_flow_pipeline
+        from flowrl.pipelines.registry import load_pipeline
 
-        pipe = load_flow_pipeline(args.model, args.model_path, device="cuda" if torch.cuda.is_available() else "cpu",
-                                  dtype=torch.float32)
-    prompts = args.prompt or (["a handwritten digit %d" % d for d in range(10)] if args.model == "digits" else None)
+        pipe = load_pipeline(args.model, args.model_path, family="flow",
+                             device="cuda" if torch.cuda.is_available() else "cpu", dtype=torch.float32)
+    from flowrl.flow.pipeline import PromptDefaults
+
+    prompts = args.prompt or (pipe.default_prompts() if isinstance(pipe, PromptDefaults) else None)
     if not prompts:
-        print("flowrl sample: give --prompt (repeatable)", file=sys.stderr)
+        print("flowrl sample: give --prompt (repeatable; this model has no default prompts)", file=sys.stderr)
         return 2
     guidance = None
     if args.guidance_scale:
@@ -138,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_eval)
     s = sub.add_parser("sample", help="sample images (a PNG grid) from a model or a trained run")
     s.add_argument("--run", default=None, help="a run directory (its model and trained weights)")
-    s.add_argument("--model", default="digits", help="digits | sd3 | flux | wan (without --run)")
+    s.add_argument("--model", default="digits", help="a registered flow model adapter (without --run; default digits)")
     s.add_argument("--model-path", default=None, help="hub id or local directory (without --run)")
     s.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable; digits: all ten by default)")
     s.add_argument("-n", type=int, default=8, help="samples per prompt")

@@ -8,6 +8,7 @@ branches in one batched forward pass ordered [uncond, cond] as diffusers does.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -115,6 +116,14 @@ def flow_sigmas(num_steps: int, shift: float = 1.0, *, num_train_timesteps: int 
     return torch.cat([torch.as_tensor(s, dtype=torch.float32), torch.zeros(1)])
 
 
+def require_path(adapter: str, path: Optional[str | os.PathLike]) -> str:
+    """``path`` as a string; an adapter without shipped weights needs one (a hub id or a local directory)."""
+    if path is None:
+        raise ValueError(f"model adapter {adapter!r} needs a model path (flow.model_path or --model-path: a hub id or "
+                         "a local diffusers directory)")
+    return str(path)
+
+
 def check_num_steps(num_steps: int) -> None:
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
@@ -134,7 +143,9 @@ def to_unit_range(images: Tensor) -> Tensor:
 
 
 class FlowAdapterBase:
-    """What every adapter shares: device/dtype, the trainable transformer, LoRA through peft."""
+    """What every adapter shares: device/dtype, the trainable transformer, LoRA through peft, and the trainer's
+    half of the ``FlowPipeline`` protocol (forward module, weight swaps, export) for a network that is one
+    ``transformer`` module called through :attr:`denoiser`."""
 
     transformer: nn.Module
     device: torch.device
@@ -188,3 +199,59 @@ class FlowAdapterBase:
         from flowrl.pipelines.lora import save_lora
 
         save_lora(self.transformer, directory, self.lora_loader_class)
+
+    def load_lora(self, directory: str | os.PathLike, *, adapter_name: str = "trained") -> None:
+        """Load the LoRA that :meth:`save_lora` wrote into ``directory`` and make it the active adapter."""
+        from flowrl.pipelines.lora import LORA_WEIGHT_NAME
+
+        f = Path(directory) / LORA_WEIGHT_NAME
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is missing (a LoRA directory written by save_lora holds it)")
+        self.transformer.load_lora_adapter(str(directory), weight_name=LORA_WEIGHT_NAME, prefix="transformer",
+                                           adapter_name=adapter_name)
+        self.transformer.set_adapters(adapter_name)
+
+    # ------------------------------------------------------------------ the trainer's half of the protocol
+    def set_forward_module(self, module: Optional[nn.Module]) -> None:
+        """Forward passes go through ``module`` (the DDP/FSDP-wrapped transformer, so that gradients synchronise)."""
+        self.forward_module = module
+
+    @contextlib.contextmanager
+    def using_weights(self, module: nn.Module):
+        """Forward passes run ``module`` (e.g. the frozen reference copy) in place of the transformer, unwrapped."""
+        if module is None:
+            raise ValueError("using_weights: no module given (the reference copy exists only when the run needs one)")
+        trained, fwd = self.transformer, self.forward_module
+        self.transformer, self.forward_module = module, None
+        try:
+            yield self
+        finally:
+            self.transformer, self.forward_module = trained, fwd
+
+    @contextlib.contextmanager
+    def lora_disabled(self):
+        """Forward passes run the base model: the transformer's LoRA adapters are disabled inside the context."""
+        self.transformer.disable_adapters()
+        try:
+            yield self
+        finally:
+            self.transformer.enable_adapters()
+
+    def enable_gradient_checkpointing(self) -> None:
+        if not hasattr(self.transformer, "enable_gradient_checkpointing"):
+            raise ValueError(f"gradient_checkpointing: {type(self.transformer).__name__} does not support it")
+        self.transformer.enable_gradient_checkpointing()
+
+    def save_weights(self, path: str | os.PathLike) -> None:
+        """The transformer's full weights as one safetensors file."""
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous() for k, v in self.transformer.state_dict().items()}, str(path))
+
+    def load_weights(self, path: str | os.PathLike) -> None:
+        """Full weights written by :meth:`save_weights` into the transformer (strict: every key must match)."""
+        from safetensors.torch import load_file
+
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path} is missing (a weights file written by save_weights)")
+        self.transformer.load_state_dict(load_file(str(path)), strict=True)

@@ -7,6 +7,8 @@ scikit-learn's bundled 8x8 handwritten digits, 1,797 images, with a fixed seed):
   a small CLIP text encoder and the real CLIP tokenizer, loaded by ``flowrl.pipelines.SD3Pipeline`` exactly like
   SD3.5 (``flowrl_pipeline.json`` says: no VAE, pixels in [-1, 1] are the latents, no T5 tokens).
   Prompts: "a handwritten digit 7". An early checkpoint is shipped on purpose (headroom for RL).
+  ``load_digits`` (the ``digits`` model adapter) returns it as a :class:`DigitsPipeline`: the SD3 adapter plus
+  the digit labels in the conditioning, the ten prompts as default training set and the fixed evaluation below.
 - ``classifier``: CNN p(digit | x), the outcome reward, trained on real digits held out from the flow model.
 - ``noisy_classifier``: CNN p(digit | x_sigma, sigma) on x_sigma = (1 - sigma) x0 + sigma eps, the process
   reward model (its log-probability gradient is Euphonium's guidance; Dhariwal & Nichol 2021's classifier guidance).
@@ -31,6 +33,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from flowrl.pipelines.registry import register_pipeline
+from flowrl.pipelines.sd3 import SD3Pipeline
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "digits_weights"
 PROMPT_TEMPLATE = "a handwritten digit {}"
@@ -193,15 +198,32 @@ def _read(name: str, directory: Optional[str | os.PathLike]) -> tuple[dict[str, 
     return load_file(str(st)), json.loads(js.read_text())
 
 
-def load_digits(*, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                directory: Optional[str | os.PathLike] = None):
-    """The digits flow model as a ``FlowPipeline`` (an ``SD3Pipeline`` in pixel space), from the shipped weights."""
-    from flowrl.pipelines.sd3 import SD3Pipeline
+class DigitsPipeline(SD3Pipeline):
+    """The digits flow model: an :class:`SD3Pipeline` in pixel space whose conditioning also holds ``digit``
+    long [B] (parsed from the prompts, for the process reward), with the two optional abilities of the protocol
+    (``flowrl.flow.pipeline.PromptDefaults`` and ``OwnEvaluation``)."""
 
+    def default_prompts(self) -> list[str]:
+        """The ten prompts "a handwritten digit 0" .. "a handwritten digit 9"."""
+        return digit_prompts(range(10))
+
+    def evaluate(self, *, num_per_prompt: int, seed: int, guidance=None, **sample_options) -> dict[str, float]:
+        """:func:`evaluate_digits` (judge accuracy, reward accuracy and probability, realism, diversity) with
+        ``num_per_prompt`` samples per digit; ``reward`` is the classifier's mean probability of the asked digit."""
+        m = evaluate_digits(self, num_per_digit=num_per_prompt, seed=seed, guidance=guidance, **sample_options)
+        m["reward"] = m["reward_prob"]
+        return m
+
+
+@register_pipeline("digits", family="flow")
+def load_digits(directory: Optional[str | os.PathLike] = None, *, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32) -> DigitsPipeline:
+    """The digits flow model as a :class:`DigitsPipeline` from the shipped weights, or from ``directory`` (a
+    diffusers directory built by ``scripts/build_digits.py``; the ``digits`` adapter's model path)."""
     path = Path(directory) if directory is not None else WEIGHTS_DIR / "flow"
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"no digits flow model at {path}; run scripts/build_digits.py to build it")
-    pipe = SD3Pipeline.from_pretrained(str(path), device=device, dtype=dtype)
+    pipe = DigitsPipeline.from_pretrained(str(path), device=device, dtype=dtype)
     pipe.prompt_labeler = lambda prompts: {"digit": parse_digits(prompts)}
     return pipe
 

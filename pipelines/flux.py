@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from flowrl.flow.pipeline import Cond
 from flowrl.pipelines.base import (FlowAdapterBase, NEGATIVE_PREFIX, cfg_velocity, check_cond, check_num_steps,
-                                   check_xsigma, freeze, load_component, load_model_index, to_unit_range)
+                                   check_xsigma, freeze, load_component, load_model_index, to_unit_range, require_path)
+from flowrl.pipelines.registry import register_pipeline
 
 FLUX_LORA_TARGETS = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
                      "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
@@ -177,3 +178,11 @@ class FluxPipeline(FlowAdapterBase):
         z = unpack_latents(x, self.latent_h, self.latent_w).to(self.vae.dtype)
         z = z / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
         return to_unit_range(self.vae.decode(z, return_dict=False)[0].float())
+
+
+@register_pipeline("flux", family="flow")
+def load_flux(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+              **options) -> FluxPipeline:
+    """FLUX.1 from ``path`` (a hub id or a local diffusers directory); ``options`` go to ``FluxPipeline.from_pretrained``
+    (``flow.model_kwargs``)."""
+    return FluxPipeline.from_pretrained(require_path("flux", path), device=device, dtype=dtype, **options)

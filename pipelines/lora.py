@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 
 from torch import nn
 
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the file diffusers' save_lora_weights writes
+
 
 def add_lora(transformer: nn.Module, *, rank: int = 32, alpha: Optional[float] = None,
              target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"), dropout: float = 0.0,

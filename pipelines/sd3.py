@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from flowrl.flow.pipeline import Cond
 from flowrl.pipelines.base import (FlowAdapterBase, NEGATIVE_PREFIX, cfg_velocity, check_cond, check_num_steps,
                                    check_xsigma, freeze, load_component, load_model_index, read_adapter_config,
-                                   to_unit_range)
+                                   to_unit_range, require_path)
+from flowrl.pipelines.registry import register_pipeline
 
 SD3_LORA_TARGETS = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                     "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")
@@ -191,3 +192,11 @@ class SD3Pipeline(FlowAdapterBase):
             return to_unit_range(x.float())
         z = x.to(self.vae.dtype) / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
         return to_unit_range(self.vae.decode(z, return_dict=False)[0].float())
+
+
+@register_pipeline("sd3", family="flow")
+def load_sd3(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+             **options) -> SD3Pipeline:
+    """SD3 / SD3.5 from ``path`` (a hub id or a local diffusers directory); ``options`` go to ``SD3Pipeline.from_pretrained``
+    (``flow.model_kwargs``)."""
+    return SD3Pipeline.from_pretrained(require_path("sd3", path), device=device, dtype=dtype, **options)

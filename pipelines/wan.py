@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from flowrl.flow.pipeline import Cond
 from flowrl.pipelines.base import (FlowAdapterBase, NEGATIVE_PREFIX, cfg_velocity, check_cond, check_num_steps,
-                                   check_xsigma, flow_sigmas, freeze, load_component, load_model_index, to_unit_range)
+                                   check_xsigma, flow_sigmas, freeze, load_component, load_model_index, to_unit_range, require_path)
+from flowrl.pipelines.registry import register_pipeline
 
 
 def clean_prompt(text: str) -> str:
@@ -148,3 +149,11 @@ class WanPipeline(FlowAdapterBase):
         z = (x.float() * std + mean).to(self.vae.dtype)
         video = self.vae.decode(z, return_dict=False)[0].float()  # [B, 3, F, H, W] in [-1, 1]
         return to_unit_range(video.permute(0, 2, 1, 3, 4))
+
+
+@register_pipeline("wan", family="flow")
+def load_wan(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+             **options) -> WanPipeline:
+    """Wan2.1 text-to-video from ``path`` (a hub id or a local diffusers directory); ``options`` go to ``WanPipeline.from_pretrained``
+    (``flow.model_kwargs``)."""
+    return WanPipeline.from_pretrained(require_path("wan", path), device=device, dtype=dtype, **options)

@@ -36,7 +36,7 @@ def build(kl_beta: float):
     from flowrl.core import compute_advantages
     from flowrl.train.config import TrainConfig
     from flowrl.train.flow_task import FlowTask
-    from flowrl.train.loop import iteration_generator
+    from flowrl.train.task import iteration_generator
 
     cfg = load(TrainConfig, ROOT / "configs/digits/flow_grpo.yaml", [f"loss.kl_beta={kl_beta}", "trackers=[]"])
     task = FlowTask(cfg, Accelerator(cpu=True))

@@ -80,5 +80,29 @@ def test_positive_weighting_run_with_several_passes_and_bad_sigma_range(tmp_path
     for r in rows:
         assert 0.0 < r["critic/weight_pos_frac"] < 1.0  # group-normalised A: some samples above, some below
         assert math.isfinite(r["acflow/fm"]) and math.isfinite(r["acflow/w2"])
-    with pytest.raises(ValueError, match=r"fm_sigma must be \[lo, hi\] with 0 <= lo < hi <= 1"):
-        train(load(TrainConfig, None, base + ["flow.critic.fm_sigma=[0.9, 0.2]"]), tmp_path / "bad")
+    with pytest.raises(ValueError, match=r"flow\.critic\.fm_sigma=\[0\.9, 0\.2\]: fm_sigma must be \[lo, hi\] with 0 <= lo < hi <= 1"):
+        load(TrainConfig, None, base + ["flow.critic.fm_sigma=[0.9, 0.2]"])  # read, before any model loads
+
+
+def test_the_critic_starts_from_the_run_seed_whatever_the_global_generator():
+    """The critic's initial weights come from cfg.seed alone (every rank and every run start alike), not from the
+    global generator, which other code draws from and torch may seed differently in each process."""
+    from flowrl.config import load
+    from flowrl.train.algorithms import ALGORITHMS
+    from flowrl.train.config import TrainConfig
+
+    x, sigma, cond = torch.randn(3, 1, 8, 8), torch.rand(3), {"pooled_prompt_embeds": torch.randn(3, 4)}
+
+    def initial_weights(global_seed: int, seed: int = 0) -> dict:
+        cfg = load(TrainConfig, None, ["algorithm=ac_flow", "flow.critic.width=8", f"seed={seed}"])
+        torch.manual_seed(global_seed)
+        algo = ALGORITHMS["ac_flow"](cfg)
+        algo._build_critic(x, sigma, cond, "cpu")
+        after = torch.rand(1)
+        torch.manual_seed(global_seed)
+        assert torch.equal(after, torch.rand(1))  # the global generator was not advanced
+        return algo.critic.state_dict()
+
+    a, b, c = initial_weights(1), initial_weights(2), initial_weights(1, seed=1)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point() and a[k].numel() > 1)

@@ -50,7 +50,14 @@ def test_flow_model_is_the_sd3_adapter_with_a_real_clip_tokenizer(pipe):
     from diffusers import SD3Transformer2DModel
     from transformers import CLIPTokenizer
 
-    assert type(pipe) is SD3Pipeline and isinstance(pipe.transformer, SD3Transformer2DModel)
+    from flowrl.flow.pipeline import FlowPipeline, OwnEvaluation, PromptDefaults
+    from flowrl.pipelines.digits import DigitsPipeline
+
+    assert type(pipe) is DigitsPipeline and isinstance(pipe, SD3Pipeline)
+    assert isinstance(pipe.transformer, SD3Transformer2DModel)
+    # the digits abilities come through the protocol: default prompts, its own evaluation
+    assert isinstance(pipe, FlowPipeline) and isinstance(pipe, PromptDefaults) and isinstance(pipe, OwnEvaluation)
+    assert pipe.default_prompts() == digit_prompts(range(10))
     assert pipe.vae is None and pipe.t5 is None
     tok = pipe.clip[0][0]
     assert isinstance(tok, CLIPTokenizer)

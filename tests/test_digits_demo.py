@@ -169,7 +169,7 @@ def test_euphonium_step_reward_scores_the_state_each_action_leads_to():
     from flowrl.flow.pipeline import cond_select
     from flowrl.rewards import build_process_reward
     from flowrl.train.flow_task import FlowTask
-    from flowrl.train.loop import iteration_generator
+    from flowrl.train.task import iteration_generator
 
     cfg = load(TrainConfig, ROOT / "configs" / "digits" / "euphonium.yaml",
                ["prompts_per_iter=2", "group_size=3", "progress=false", "trackers=[]"])

@@ -164,7 +164,7 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str):
 
     from flowrl.core import compute_advantages
     from flowrl.train.flow_task import FlowTask
-    from flowrl.train.loop import iteration_generator
+    from flowrl.train.task import iteration_generator
 
     acc = Accelerator(cpu=True)
     cfg = tiny_cfg(model_dir, "iterations=1", "eval.every=100")
@@ -182,7 +182,7 @@ def test_two_processes_equal_one(sd3_dir, tmp_path):
 
     from flowrl.core import compute_advantages
     from flowrl.train.flow_task import FlowTask
-    from flowrl.train.loop import iteration_generator
+    from flowrl.train.task import iteration_generator
 
     one = tmp_path / "one"
     one.mkdir()
@@ -239,7 +239,7 @@ def test_micro_batches_and_step_chunks_accumulate_the_same_gradient(sd3_dir):
 
     from flowrl.core import compute_advantages
     from flowrl.train.flow_task import FlowTask
-    from flowrl.train.loop import iteration_generator
+    from flowrl.train.task import iteration_generator
 
     def grads(*overrides):
         cfg = tiny_cfg(sd3_dir, "loss.kl_beta=0.01", *overrides)

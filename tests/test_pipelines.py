@@ -172,6 +172,72 @@ def test_missing_component_is_a_clear_error(tmp_path, sd3_dir):
         SD3Pipeline.from_pretrained(d)
 
 
+def test_adapters_load_by_registered_name(sd3_dir):
+    from flowrl.pipelines.registry import load_pipeline, pipeline_names
+
+    assert {"digits", "sd3", "flux", "wan"} <= set(pipeline_names("flow"))
+    p = load_pipeline("sd3", sd3_dir, family="flow", device="cpu", dtype=torch.float32, load_t5=False)
+    assert type(p) is SD3Pipeline and p.t5 is None  # options reach from_pretrained
+    with pytest.raises(ValueError, match="model adapter 'flux' needs a model path"):
+        load_pipeline("flux", None, family="flow", device="cpu", dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"unknown flow model adapter 'sdxl'; valid: \[.*'sd3'"):
+        load_pipeline("sdxl", sd3_dir, family="flow")
+
+
+@torch.no_grad()
+def test_the_trainers_half_of_the_protocol(sd3_dir, tmp_path):
+    """Forward module, other weights, LoRA off, and the weight files: what the flow trainer reaches only through
+    the protocol."""
+    import copy
+
+    p = SD3Pipeline.from_pretrained(sd3_dir)
+    cond = p.encode_prompts(PROMPTS)
+    x = p.initial_noise(2, generator=torch.Generator().manual_seed(0))
+    s = torch.tensor([0.7, 0.3])
+    base = p.velocity(x, s, cond)
+    calls = []
+
+    class Wrapper(torch.nn.Module):  # stands in for DDP: forwards to the module it wraps
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *a, **k):
+            calls.append(1)
+            return self.inner(*a, **k)
+
+    p.set_forward_module(Wrapper(p.trainable))
+    torch.testing.assert_close(p.velocity(x, s, cond), base)
+    assert calls == [1]
+    other = copy.deepcopy(p.trainable)
+    for q in other.parameters():
+        q.add_(0.05)
+    with p.using_weights(other) as q:
+        moved = q.velocity(x, s, cond)
+    assert calls == [1] and float((moved - base).abs().max()) > 1e-3  # the other weights ran, unwrapped
+    torch.testing.assert_close(p.velocity(x, s, cond), base)  # and everything is back, wrapper included
+    assert calls == [1, 1]
+    p.set_forward_module(None)
+    p.save_weights(tmp_path / "w.safetensors")
+    fresh = SD3Pipeline.from_pretrained(sd3_dir)
+    fresh.load_weights(tmp_path / "w.safetensors")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        fresh.load_weights(tmp_path / "none.safetensors")
+    p.add_lora(rank=2)
+    for n, q in p.trainable.named_parameters():
+        if "lora_B" in n:
+            q.add_(0.1)
+    adapted = p.velocity(x, s, cond)
+    assert float((adapted - base).abs().max()) > 1e-3
+    with p.lora_disabled():
+        torch.testing.assert_close(p.velocity(x, s, cond), base)
+    torch.testing.assert_close(p.velocity(x, s, cond), adapted)
+    p.save_lora(tmp_path / "lora")
+    fresh.add_lora(rank=2)
+    fresh.load_lora(tmp_path / "lora")
+    torch.testing.assert_close(fresh.velocity(x, s, cond), adapted, atol=1e-5, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------------ FLUX
 def test_flux_packing_roundtrip():
     z = torch.randn(2, 4, 6, 8, generator=torch.Generator().manual_seed(0))

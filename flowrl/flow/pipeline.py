@@ -1,7 +1,12 @@
 """The one protocol every flow model adapter implements (SD3/SD3.5, FLUX.1, Wan2.1, digits).
 
 The sampler, the guidance and the trainer only ever talk to a model through this protocol, so the
-flow side of flowrl knows no diffusers class. Adapters live in ``pipelines/`` (``flowrl.pipelines``).
+flow side of flowrl knows no diffusers class. Adapters live in ``pipelines/`` (``flowrl.pipelines``), where
+``FlowAdapterBase`` implements the training half for any adapter whose network is one ``transformer`` module.
+
+Two optional abilities are detected through their own protocols (``isinstance``), never by a model's name:
+``PromptDefaults`` (a default training prompt set) and ``OwnEvaluation`` (a model-specific fixed evaluation,
+e.g. the digits model's judge and realism scores).
 
 Conventions (shared with ``flowrl.flow.sde``): sigma runs from 1 (noise) to 0 (data);
 x_sigma = (1 - sigma) * x0 + sigma * eps; the model predicts v ~= eps - x0.
@@ -12,7 +17,7 @@ attention masks, digit labels, ...). The sampler indexes and repeats it generica
 """
 from __future__ import annotations
 
-from typing import Optional, Protocol, runtime_checkable
+from typing import Any, ContextManager, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +59,64 @@ class FlowPipeline(Protocol):
     def trainable(self) -> nn.Module:
         """The module that RL updates (the transformer, with LoRA adapters when added)."""
         ...
+
+    # ------------------------------------------------------------------ what the trainer needs (not the sampler)
+    def set_forward_module(self, module: Optional[nn.Module]) -> None:
+        """Run forward passes through ``module`` (the DDP/FSDP-wrapped ``trainable``; None: ``trainable`` itself).
+        Attribute reads (a model's config) still go to ``trainable``."""
+        ...
+
+    def using_weights(self, module: nn.Module) -> ContextManager[Any]:
+        """Inside the context, forward passes run ``module`` (a network of ``trainable``'s architecture, e.g. the
+        frozen copy of the initial weights) in place of ``trainable``; everything is restored on exit."""
+        ...
+
+    def lora_disabled(self) -> ContextManager[Any]:
+        """Inside the context, forward passes run with the LoRA adapters disabled (the base model)."""
+        ...
+
+    def add_lora(self, rank: int, alpha: Optional[float] = None, *,
+                 target_modules: Optional[Sequence[str]] = None) -> nn.Module:
+        """Add a LoRA adapter to ``trainable`` (only its parameters train afterwards); returns ``trainable``."""
+        ...
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute ``trainable``'s activations in the backward pass; an error when the network cannot."""
+        ...
+
+    def save_lora(self, directory: Any) -> None:
+        """Write the LoRA adapter in diffusers' format (``DiffusionPipeline.load_lora_weights(directory)`` reads it)."""
+        ...
+
+    def load_lora(self, directory: Any) -> None:
+        """Load and activate a LoRA written by ``save_lora`` (after ``add_lora`` or on the base model)."""
+        ...
+
+    def save_weights(self, path: Any) -> None:
+        """Write ``trainable``'s full weights as one safetensors file."""
+        ...
+
+    def load_weights(self, path: Any) -> None:
+        """Load full weights written by ``save_weights`` into ``trainable`` (every key must match)."""
+        ...
+
+
+@runtime_checkable
+class PromptDefaults(Protocol):
+    """Optional: an adapter that knows its own training prompts (the digits model: the ten digits)."""
+
+    def default_prompts(self) -> list[str]: ...
+
+
+@runtime_checkable
+class OwnEvaluation(Protocol):
+    """Optional: an adapter with its own fixed evaluation, used instead of scoring samples with the run's rewards.
+
+    ``evaluate(num_per_prompt=, seed=, guidance=, **sample_options)`` returns metrics that include ``reward``;
+    ``sample_options`` are :func:`flowrl.flow.sampler.sample`'s (num_steps, kind, noise_level, cfg_scale).
+    """
+
+    def evaluate(self, *, num_per_prompt: int, seed: int, guidance: Any = None, **sample_options: Any) -> dict[str, float]: ...
 
 
 def cond_select(cond: Cond, index: Tensor) -> Cond:

@@ -44,6 +44,18 @@ class FlowCritic(nn.Module):
         return self.head(torch.cat(feats, dim=1)).squeeze(1)
 
 
+def critic_inputs(traj, rows: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor], int]:
+    """The critic's inputs at every state k < K of rollouts ``rows`` long [r] of ``traj`` (a FlowTrajectory):
+    x float [r*K, ...] (row-major: sample, then step), sigma float [r*K], the cond rows, and K."""
+    from flowrl.flow.pipeline import cond_select
+
+    K = traj.num_steps
+    x = traj.latents[rows, :K].reshape(len(rows) * K, *traj.latents.shape[2:]).float()
+    sigma = traj.sigmas[:K].repeat(len(rows))
+    cond = cond_select(traj.cond, rows.repeat_interleave(K))
+    return x, sigma, cond, K
+
+
 WEIGHTINGS = ("exp", "positive")
 
 

@@ -124,6 +124,10 @@ class TaskBase:
         if state:
             self.algorithm.load_state_dict(state)
 
+    def load_export(self, out_dir: Path) -> None:
+        """Load what ``export(out_dir)`` wrote (a finished run's trained weights) into this task's model."""
+        raise NotImplementedError(f"{type(self).__name__} cannot load a finished run's export")
+
     def prepare_update(self, rollout: Rollout, batch: TrajectoryBatch, adv: Tensor, it: int) -> tuple[Tensor, dict]:
         return self.algorithm.prepare_update(self, rollout, batch, adv, it)
 

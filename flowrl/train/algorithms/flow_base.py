@@ -1,0 +1,76 @@
+"""The base of every flow-model algorithm: the hooks :class:`flowrl.train.flow_task.FlowTask` calls, with the
+defaults that make plain Flow-GRPO.
+
+A flow algorithm is a subclass of :class:`FlowAlgorithm` registered with ``@register_algorithm("name")``. The
+task does the plumbing (prompts, SDE rollouts through the sampler, outcome rewards, the TrajectoryBatch,
+evaluation, export) and asks the algorithm
+
+- ``validate_config(cfg)``: cross-field checks before any model loads (the base checks ``flow.model`` and
+  guidance; subclasses call ``super().validate_config(cfg)`` and add theirs);
+- ``needs_reference(cfg)``: keep a reference policy (a frozen copy, or the model with LoRA disabled);
+- ``uses_guidance(cfg)``: steer rollouts with the process reward's gradient (``flow.guidance``);
+- ``setup(task)``: once, when the task has built its model and rewards (a critic, an optimiser);
+- ``step_rewards(task, traj, steps, prompts)``: ``batch.step_reward`` float [b, T] or None;
+- ``prepare_update(task, rollout, batch, adv, it)``: before the updates (train a critic; new advantages);
+- ``backward(task, rollout, index, batch, adv, it)``: one minibatch's loss, backpropagated. The default is the
+  per-step PPO objective on the recomputed kernel log-probs (:func:`flowrl.train.algorithms.flow_ppo.ppo_backward`);
+- ``state_dict()`` / ``load_state_dict(state)``: the algorithm's own state in checkpoints.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+from torch import Tensor
+
+from flowrl.train.algorithms.base import Algorithm
+from flowrl.train.algorithms.flow_ppo import ppo_backward
+
+if TYPE_CHECKING:  # types only
+    from flowrl.core import TrajectoryBatch
+    from flowrl.flow.sampler import FlowTrajectory
+    from flowrl.train.flow_task import FlowTask
+    from flowrl.train.task import Rollout
+
+
+class FlowAlgorithm(Algorithm):
+    """A training algorithm for flow-matching models (see the module docstring). Plain, it is Flow-GRPO."""
+
+    family = "flow"
+
+    # ------------------------------------------------------------------ config-time hooks
+    @classmethod
+    def validate_config(cls, cfg: Any) -> None:
+        from flowrl.pipelines.registry import PIPELINES, pipeline_names
+
+        fc = cfg.flow
+        if fc.model not in PIPELINES or PIPELINES.meta(fc.model).get("family") != "flow":
+            raise ValueError(f"flow.model={fc.model!r} is not a registered flow model adapter; valid: "
+                             f"{pipeline_names('flow')}")
+        if cls.uses_guidance(cfg) and not fc.process_reward:
+            raise ValueError("flow.guidance.enabled needs flow.process_reward (the model whose gradient steers)")
+
+    @classmethod
+    def uses_guidance(cls, cfg: Any) -> bool:
+        """Whether rollouts add the process reward's gradient to the SDE drift (``flow.guidance``)."""
+        return bool(cfg.flow.guidance.enabled)
+
+    @classmethod
+    def build_task(cls, cfg: Any, accelerator: Any) -> "FlowTask":
+        from flowrl.train.flow_task import FlowTask
+
+        return FlowTask(cfg, accelerator, algorithm=cls(cfg))
+
+    # ------------------------------------------------------------------ rollout hooks
+    def setup(self, task: "FlowTask") -> None:
+        """Called once at the end of the task's construction (model, reference, rewards and guidance exist)."""
+
+    def step_rewards(self, task: "FlowTask", traj: "FlowTrajectory", steps: Tensor,
+                     prompts: list[str]) -> Optional[Tensor]:
+        """Process rewards of the trained steps ``steps`` long [T] of rollout ``traj``: float [b, T] (NaN where a
+        step has none), or None (outcome reward only)."""
+        return None
+
+    # ------------------------------------------------------------------ update hooks
+    def backward(self, task: "FlowTask", rollout: "Rollout", index: Tensor, batch: "TrajectoryBatch", adv: Tensor,
+                 it: int) -> dict[str, float]:
+        return ppo_backward(task, rollout, index, batch, adv)
