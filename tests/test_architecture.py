@@ -23,7 +23,8 @@ LAYERS = {
     "flowrl.llm": {"flowrl.core"},
     "flowrl.pipelines": {"flowrl.core", "flowrl.flow", "flowrl.llm"},
     "flowrl.rewards": {"flowrl.core", "flowrl.flow", "flowrl.llm", "flowrl.pipelines"},
-    "flowrl.train": {"flowrl.core", "flowrl.flow", "flowrl.llm", "flowrl.pipelines", "flowrl.rewards", "flowrl.config"},
+    "flowrl.train": {"flowrl.core", "flowrl.flow", "flowrl.llm", "flowrl.pipelines", "flowrl.rewards", "flowrl.config",
+                     "flowrl.plugins"},
 }
 
 

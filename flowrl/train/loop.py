@@ -206,7 +206,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, task: 
                 updates += 1
                 if not _all_finite(params):
                     raise TrainingDiverged(_diverged(it, "the weights hold NaN or inf after the update", out_dir))
-                if ema is not None and updates % cfg.ema.every == 0:
+                # counted over the run (the same on resume): optimiser step it * (updates per iteration) + updates
+                if ema is not None and (it * cfg.updates_per_rollout * cfg.minibatches + updates) % cfg.ema.every == 0:
                     ema.update(params)
                 rows.append(m)
         metrics.update(_mean_metrics(rows))
