@@ -1,4 +1,4 @@
-"""The core's native CPU kernels (flowrl/core/native_kernels.c) against loop references written from their
+"""The core's native CPU kernels (flowrl/core/kernels/native_kernels.c) against loop references written from their
 formulas (on their AVX2 and their portable code), and the torch path (what CUDA runs) against them on every
 registered estimator. The build's failure modes: tests/test_core_native_build.py."""
 from __future__ import annotations

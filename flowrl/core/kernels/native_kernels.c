@@ -1,4 +1,4 @@
-/* Fused CPU kernels of the trajectory/advantage core (flowrl/core/native.py builds and calls them).
+/* Fused CPU kernels of the trajectory/advantage core (flowrl/core/kernels/native.py builds and calls them).
 
    Each kernel is one pass over rows [r0, r1) of row-major [B, T] arrays; native.py splits the rows over
    threads (ctypes releases the GIL). Masks are bool bytes (0 / 1). Everything here has a torch twin in the
