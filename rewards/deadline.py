@@ -20,9 +20,12 @@ group and starts a replacement. The caller's process is never blocked for longer
   type names of its ``__cause__`` chain (exceptions themselves are not unpickled).
 - ``initializer(*initargs)`` runs once in every worker (and in each replacement) before its first call;
   use it to build something expensive (a model) once per worker and keep it in a module global.
-- Workers start with ``forkserver`` on Linux (a fork of a server process that has numpy and torch imported,
-  so a replacement is ready in tens of milliseconds) and ``spawn`` elsewhere. Each worker makes itself a
-  session (and process-group) leader, dies with its parent (``PR_SET_PDEATHSIG``) and ignores SIGINT.
+- As with any ``spawn``/``forkserver`` multiprocessing, a script that builds a pool must guard its entry point
+  with ``if __name__ == "__main__":`` (the ``flowrl`` command does).
+- Workers start with ``forkserver`` on Linux (each is a fork of a server process that has already imported
+  numpy, torch and flowrl.rewards, so a replacement after a kill starts without re-importing them) and
+  ``spawn`` elsewhere. Each worker makes itself a session (and process-group) leader, dies with its parent
+  (``PR_SET_PDEATHSIG``) and ignores SIGINT.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import ctypes
 import io
 import math
 import multiprocessing as mp
+import multiprocessing.util  # noqa: F401  (its exit hook, which joins live children, must be registered before ours)
 import os
 import pickle
 import queue
@@ -236,7 +240,7 @@ class DeadlinePool:
                              "(fork would copy the caller's threads and locks)")
         self._ctx = mp.get_context(start_method)
         if start_method == "forkserver":
-            self._ctx.set_forkserver_preload(["numpy", "torch"])
+            self._ctx.set_forkserver_preload(["numpy", "torch", "flowrl.rewards"])
         self._spec = (initializer, tuple(initargs), max_memory_mb)
         self.start_timeout_s = float(start_timeout_s)
         self.workers = workers
