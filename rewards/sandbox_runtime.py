@@ -326,7 +326,9 @@ class _Conn:
         enc = encode(arg)  # the test's arguments must be data (or handles)
         self.next_id += 1
         self.pending = self.next_id
-        budget = max(1e-3, self.deadline - time.monotonic()) if self.deadline else None
+        # the solution's own timer fires a little before the judge's, so its time-out reply normally arrives
+        # before the judge gives up on it (a loaded machine can delay that reply by a large fraction of a second)
+        budget = max(1e-3, self.deadline - time.monotonic() - 0.05) if self.deadline else None
         self.lines.send({"id": self.next_id, "op": op, "ref": object.__getattribute__(target, "_rid"),
                          "arg": enc, "budget": budget})
         reply = self.reply(None)

@@ -3,6 +3,7 @@
 Every bad solution (fails, hangs, hangs while swallowing the interrupt, exits the interpreter, segfaults,
 allocates too much, touches the network, does not compile) must cost exactly the tests it breaks, within
 bounded time, with the test runner unharmed. The VeRPO formula is checked against a loop reference.
+Attacks on the sandbox are in tests/test_code_sandbox_attacks.py.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from flowrl.rewards import RewardError, build_reward
 from flowrl.rewards.code_sandbox import (
     SandboxConfig,
     extract_code,
-    network_isolation,
     run_sample,
     run_tests,
     verpo_reward,
@@ -79,28 +79,93 @@ def test_solution_that_fails_to_load_fails_every_test():
         assert r.seconds < CFG.time_limit + CFG.grace + 2.0
 
 
-def test_isolation_fresh_dir_no_network_no_env():
-    checks = [
-        # fresh empty temp dir as cwd, and it is HOME
-        "import os\nassert os.listdir('.') == []\nassert os.environ['HOME'] == os.getcwd()",
-        # the parent's environment does not leak
-        "import os\nassert 'FLOWRL_SECRET_TEST' not in os.environ",
-        # sockets are refused inside the child
-        "import socket\ntry:\n    socket.socket()\n    ok = False\nexcept OSError:\n    ok = True\nassert ok",
-        # writing a file is allowed in the temp dir
-        "open('x.txt', 'w').write('hi')\nassert open('x.txt').read() == 'hi'",
-    ]
-    if network_isolation().startswith("/") or network_isolation().startswith("unshare"):
-        # a new network namespace has only the loopback interface
-        checks.append("import socket\nassert [n for _, n in socket.if_nameindex()] == ['lo']")
+def test_solution_sees_a_fresh_dir_and_a_clean_environment():
+    probe = (
+        "import os\n"
+        "def probe():\n"
+        "    fresh = os.listdir('.') == [] and os.environ['HOME'] == os.getcwd()\n"
+        "    with open('x.txt', 'w') as f:\n"
+        "        f.write('hi')\n"
+        "    caps = [l.split()[1] for l in open('/proc/self/status') if l.startswith(('CapEff', 'CapPrm', 'CapAmb'))]\n"
+        "    return [fresh, open('x.txt').read(), 'FLOWRL_SECRET_TEST' in os.environ, os.getuid() != 0, set(caps)]\n"
+    )
     os.environ["FLOWRL_SECRET_TEST"] = "1"
     try:
-        r = run_sample("x = 1\n", checks, CFG)
+        r = run_sample(probe, ["assert probe() == [True, 'hi', False, True, {'0000000000000000'}]"], CFG)
     finally:
         del os.environ["FLOWRL_SECRET_TEST"]
-    assert r.passed == [True] * len(checks), (r.status, network_isolation())
-    # the sandbox directory is gone afterwards, and the child's files never reach our cwd
-    assert not os.path.exists("x.txt")
+    assert r.status == ["pass"]
+    assert not os.path.exists("x.txt")  # the sandbox's files never reach our cwd
+
+
+# What crosses between the tests and the solution: data both ways, handles for everything else.
+PROTOCOL = """
+from fractions import Fraction
+N = 5
+TABLE = {(1, 2): {3, 4}, 'k': [b'x', None, 1.5, 2j]}
+class Stack:
+    def __init__(self):
+        self.items = []
+    def push(self, x):
+        self.items.append(x)
+    def pop(self):
+        return self.items.pop()
+    def __len__(self):
+        return len(self.items)
+class Oops(Exception):
+    pass
+def gen(n):
+    return (i for i in range(n))
+def pair(a, b=0, *, c=1):
+    print('noise on stdout')
+    return (a, b, c)
+def check(x):
+    if x < 0:
+        raise ValueError('negative')
+    if x == 0:
+        raise Oops('zero')
+    return Fraction(1, x)
+def size(s):
+    return len(s)
+"""
+PROTOCOL_TESTS = [
+    "assert N == 5 and TABLE == {(1, 2): {3, 4}, 'k': [b'x', None, 1.5, 2j]}",
+    "assert pair(1, c=3) == (1, 0, 3) and type(pair(1)) is tuple",
+    "s = Stack(); s.push([1, 2]); s.push('a')\nassert len(s) == 2 and s.pop() == 'a' and s.items == [[1, 2]]",
+    "s = Stack(); s.push(1)\nassert size(s) == 1",  # a handle passed back to the solution
+    "assert list(gen(3)) == [0, 1, 2]",
+    "try:\n    check(-1)\nexcept ValueError as e:\n    assert 'negative' in str(e)\nelse:\n    raise AssertionError",
+    "try:\n    check(0)\nexcept Exception:\n    pass\nelse:\n    raise AssertionError",
+    "assert check(4) == 0.25 and str(check(4)) == '1/4'",
+    "assert Stack() != Stack()",  # handles compare by identity
+    "assert check(lambda: 1) == 1",  # a function cannot be passed: this test fails
+]
+
+
+def test_protocol_values_handles_and_exceptions():
+    r = run_sample(PROTOCOL, PROTOCOL_TESTS, CFG)
+    assert r.status == ["pass"] * 9 + ["fail"], r.status
+
+
+def test_missing_bubblewrap_refuses_unless_the_weak_mode_is_named(monkeypatch):
+    from flowrl.rewards import sandbox_bwrap
+    from flowrl.rewards.code_sandbox import SandboxUnavailable, sandbox_status
+
+    monkeypatch.setattr(sandbox_bwrap, "find_bwrap", lambda: None)
+    monkeypatch.setattr(sandbox_bwrap._Setup, "checked", False)
+    monkeypatch.setattr(sandbox_bwrap._Setup, "prefix", None)
+    with pytest.raises(SandboxUnavailable, match="not on PATH.*sandbox='unsafe-process'"):
+        run_sample(GOOD, TESTS, CFG)
+    with pytest.raises(SandboxUnavailable, match="apt-get install bubblewrap"):
+        build_reward("code_tests")
+    assert "unsafe-process" in sandbox_status("bwrap")
+    with pytest.raises(ValueError, match="valid: 'bwrap', 'unsafe-process'"):
+        SandboxConfig(sandbox="none")
+    weak = SandboxConfig(time_limit=1.0, grace=1.5, memory_limit_mb=512, sandbox="unsafe-process")
+    assert run_sample(GOOD, TESTS, weak).passed == [True, True, True]
+    assert run_sample(BAD["os_exit"], TESTS, weak).status == ["pass", "killed", "pass"]
+    r = build_reward("code_tests", sandbox="unsafe-process")
+    assert r([GOOD], ["p"], {"tests": [TESTS]})["code_tests"].tolist() == [1.0]
 
 
 def test_stdio_tests():
@@ -108,9 +173,14 @@ def test_stdio_tests():
     good = "a, b = map(int, input().split())\nprint(a + b)\n"
     mult = "import sys\na, b = map(int, sys.stdin.read().split())\nprint(a * b)\n"
     exits = "import sys\na, b = map(int, input().split())\nprint(a + b)\nsys.exit(0 if a >= 0 else 1)\n"
+    quits = "a, b = map(int, input().split())\nprint(a + b)\nexit()\nprint('unreachable')\n"
+    crash = "import os\na, b = map(int, input().split())\nif a == 1:\n    os._exit(1)\nprint(a + b)\n"
     assert run_sample(good, cases, CFG).passed == [True, True, True]
     assert run_sample(mult, cases, CFG).passed == [False, False, False]
     assert run_sample(exits, cases, CFG).passed == [True, True, False]
+    assert run_sample(quits, cases, CFG).passed == [True, True, True]
+    r = run_sample(crash, cases, CFG)
+    assert r.status == ["pass", "killed", "pass"] and r.restarts == 1
 
 
 def test_bad_tests_raise_clearly():
