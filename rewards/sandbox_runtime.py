@@ -11,7 +11,8 @@ rewards/code_sandbox.py runs this file's source as ``python -I -S -c`` with ``RO
   solution is a :class:`Remote` handle in the judge; calling it sends the arguments as data and gets back data.
 
 Only data crosses: :func:`encode` writes None, bool, int, float, complex, str, bytes, tuple, list, dict, set,
-frozenset, Fraction and Decimal as tagged JSON, and :func:`decode` builds exactly those builtin types. Any
+frozenset, Fraction and Decimal as JSON (scalars as themselves, the rest tagged), and :func:`decode` builds
+exactly those builtin types. Any
 other object stays in the solution's process and is sent as a handle (``["r", id]``). A handle compares by
 identity only (its ``__eq__``, ``__hash__`` and ordering are never forwarded), so an object whose ``__eq__``
 always says True cannot pass ``assert f(x) == 3``: the judge compares plain values it decoded itself. The
@@ -27,9 +28,10 @@ import signal
 import sys
 import time
 
-MAX_LINE = 16 << 20  # longest message accepted on any pipe
-MAX_NODES = 200_000  # most values one message may encode; a bigger value travels as a handle
+MAX_LINE = 64 << 20  # longest message accepted on any pipe
+MAX_NODES = 1_000_000  # most values one message may encode; a bigger value travels as a handle
 MAX_DEPTH = 64
+_BIG = 1 << 1000
 
 
 class _Timeout(BaseException):
@@ -49,34 +51,46 @@ def _alarm(signum, frame):
 
 
 # --------------------------------------------------------------------------------------------- codec
+def _flat(v):
+    """True if every item is an exact int (of a JSON-safe size) or str: the list travels as it is."""
+    return all((type(x) is int and -_BIG < x < _BIG) or type(x) is str for x in v)
+
+
 def encode(v, ref=None, budget=None, depth=0):
-    """A value -> tagged JSON. ``ref(obj) -> int`` turns a non-data object into a handle (None: refuse it)."""
+    """A value -> JSON: ints (below 2**1000), strs, finite floats, None and bools as themselves; anything else
+    as ``[tag, payload]``. ``ref(obj) -> int`` turns a non-data object into a handle (None: refuse it)."""
     if budget is None:
         budget = [MAX_NODES]
     budget[0] -= 1
     if budget[0] < 0 or depth > MAX_DEPTH:
         raise _NotPlain("value too large or too deep")
-    if v is None:
-        return ["n"]
-    if v is True or v is False:
-        return ["b", v]
+    t = type(v)
+    if v is None or t is bool or t is str or (t is int and -_BIG < v < _BIG):
+        return v
+    if t is float and v - v == 0:  # finite
+        return v
     if isinstance(v, Remote):
         return ["r", object.__getattribute__(v, "_rid")]
-    if isinstance(v, int):
-        return ["i", int.__repr__(int(v))]
+    if isinstance(v, int):  # big ints in hex: decimal conversion of huge ints is capped and slow
+        return ["x", format(int(v), "x")]
     if isinstance(v, float):
         return ["f", float.__repr__(float(v))]
     if isinstance(v, complex):
         return ["c", [float.__repr__(v.real), float.__repr__(v.imag)]]
     if isinstance(v, str):
-        return ["s", str.__str__(v)]
+        return str.__str__(v)
     if isinstance(v, (bytes, bytearray)):
         return ["y" if isinstance(v, bytes) else "Y", bytes(v).hex()]
     sub = (lambda x: encode(x, ref, budget, depth + 1))
-    if isinstance(v, tuple):
-        return ["t", [sub(x) for x in tuple.__iter__(v)]]
-    if isinstance(v, list):
-        return ["l", [sub(x) for x in list.__iter__(v)]]
+    if isinstance(v, (tuple, list)):
+        items = tuple.__iter__(v) if isinstance(v, tuple) else list.__iter__(v)
+        items = list(items)
+        budget[0] -= len(items)
+        if budget[0] < 0:
+            raise _NotPlain("value too large")
+        if not _flat(items):
+            items = [x if type(x) is str or (type(x) is int and -_BIG < x < _BIG) else sub(x) for x in items]
+        return ["t" if isinstance(v, tuple) else "l", items]
     if isinstance(v, dict):
         return ["d", [[sub(k), sub(x)] for k, x in dict.items(v)]]
     if isinstance(v, frozenset):
@@ -85,7 +99,7 @@ def encode(v, ref=None, budget=None, depth=0):
         return ["S", [sub(x) for x in set.__iter__(v)]]
     fr, dc = sys.modules.get("fractions"), sys.modules.get("decimal")
     if fr is not None and isinstance(v, fr.Fraction):
-        return ["q", [str(int(v.numerator)), str(int(v.denominator))]]
+        return ["q", [format(int(v.numerator), "x"), format(int(v.denominator), "x")]]
     if dc is not None and isinstance(v, dc.Decimal):
         return ["D", dc.Decimal.__str__(v)]
     if ref is None:
@@ -102,41 +116,37 @@ def encode_or_ref(v, ref):
 
 
 def decode(x, deref, depth=0):
-    """Tagged JSON -> builtin values only; ``deref(id)`` resolves a handle."""
+    """JSON from :func:`encode` -> builtin values only; ``deref(id)`` resolves a handle."""
+    t = type(x)
+    if x is None or t is bool or t is int or t is str or t is float:
+        return x
     if depth > MAX_DEPTH + 1:
         raise ValueError("message nested too deeply")
-    if not isinstance(x, list) or not x or not isinstance(x[0], str):
+    if t is not list or not x or type(x[0]) is not str:
         raise ValueError("malformed value")
     tag, arg = x[0], (x[1] if len(x) > 1 else None)
     sub = (lambda y: decode(y, deref, depth + 1))
-    if tag == "n":
-        return None
-    if tag == "b" and isinstance(arg, bool):
-        return arg
-    if tag == "i" and isinstance(arg, str):
-        return int(arg)
-    if tag == "f" and isinstance(arg, str):
+    if tag == "x" and type(arg) is str:
+        return int(arg, 16)
+    if tag == "f" and type(arg) is str:
         return float(arg)
-    if tag == "c" and isinstance(arg, list) and len(arg) == 2:
+    if tag == "c" and type(arg) is list and len(arg) == 2:
         return complex(float(arg[0]), float(arg[1]))
-    if tag == "s" and isinstance(arg, str):
-        return arg
-    if tag in ("y", "Y") and isinstance(arg, str):
+    if tag in ("y", "Y") and type(arg) is str:
         return bytes.fromhex(arg) if tag == "y" else bytearray.fromhex(arg)
-    if tag == "q" and isinstance(arg, list) and len(arg) == 2:
+    if tag == "q" and type(arg) is list and len(arg) == 2:
         import fractions
-        return fractions.Fraction(int(arg[0]), int(arg[1]))
-    if tag == "D" and isinstance(arg, str):
+        return fractions.Fraction(int(arg[0], 16), int(arg[1], 16))
+    if tag == "D" and type(arg) is str:
         import decimal
         return decimal.Decimal(arg)
     if tag == "r" and type(arg) is int:
         return deref(arg)
-    if not isinstance(arg, list):
+    if type(arg) is not list:
         raise ValueError(f"malformed value with tag {tag!r}")
-    if tag == "t":
-        return tuple(sub(y) for y in arg)
-    if tag == "l":
-        return [sub(y) for y in arg]
+    if tag in ("t", "l"):
+        items = [y if type(y) is int or type(y) is str else sub(y) for y in arg]
+        return tuple(items) if tag == "t" else items
     if tag == "d":
         return {sub(k): sub(y) for k, y in arg}
     if tag == "S":

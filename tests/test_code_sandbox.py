@@ -127,6 +127,8 @@ def check(x):
     return Fraction(1, x)
 def size(s):
     return len(s)
+def big(n):
+    return [7 ** 3000, -2 ** 1200, float('inf'), float('nan'), True, 1.5] + list(range(n))
 """
 PROTOCOL_TESTS = [
     "assert N == 5 and TABLE == {(1, 2): {3, 4}, 'k': [b'x', None, 1.5, 2j]}",
@@ -137,6 +139,8 @@ PROTOCOL_TESTS = [
     "try:\n    check(-1)\nexcept ValueError as e:\n    assert 'negative' in str(e)\nelse:\n    raise AssertionError",
     "try:\n    check(0)\nexcept Exception:\n    pass\nelse:\n    raise AssertionError",
     "assert check(4) == 0.25 and str(check(4)) == '1/4'",
+    "a = big(50000)\nassert a[:3] + a[4:] == [7 ** 3000, -2 ** 1200, float('inf'), True, 1.5] + list(range(50000))"
+    "\nassert a[3] != a[3] and type(a[4]) is bool",
     "assert Stack() != Stack()",  # handles compare by identity
     "assert check(lambda: 1) == 1",  # a function cannot be passed: this test fails
 ]
@@ -144,7 +148,7 @@ PROTOCOL_TESTS = [
 
 def test_protocol_values_handles_and_exceptions():
     r = run_sample(PROTOCOL, PROTOCOL_TESTS, CFG)
-    assert r.status == ["pass"] * 9 + ["fail"], r.status
+    assert r.status == ["pass"] * 10 + ["fail"], r.status
 
 
 def test_missing_bubblewrap_refuses_unless_the_weak_mode_is_named(monkeypatch):
