@@ -88,11 +88,23 @@ class TagFormatReward(Reward):
         return {self.name: format_scores(texts, self.pattern, "fullmatch")}
 
 
+def _regex_item(item: tuple[str, str, str]) -> float:
+    pattern, mode, text = item  # re caches the compiled pattern in the worker
+    return float(format_scores([text], re.compile(pattern, re.DOTALL), mode)[0])
+
+
 @register_reward("format_regex")
 class RegexFormatReward(Reward):
-    """Format reward: 1 iff ``re.fullmatch(pattern, completion, DOTALL)`` (``mode="search"``: anywhere), else 0."""
+    """Format reward: 1 iff ``re.fullmatch(pattern, completion, DOTALL)`` (``mode="search"``: anywhere), else 0.
 
-    def __init__(self, *, pattern: str, name: Optional[str] = None, on_error: str = "raise", mode: str = "fullmatch"):
+    A pattern with nested quantifiers can take exponential time on some texts (``(a+)+$``), and ``re`` holds
+    the interpreter while it backtracks. ``timeout_s`` (a number > 0) matches each sample in a worker process
+    killed at that deadline (the sample scores 0, counted in ``<name>/timeout``); None (default) matches in
+    this process, for patterns known to run in linear time (the operator chooses the pattern, not the client).
+    """
+
+    def __init__(self, *, pattern: str, name: Optional[str] = None, on_error: str = "raise", mode: str = "fullmatch",
+                 timeout_s: Optional[float] = None):
         super().__init__(name=name, on_error=on_error)
         try:
             self.pattern = re.compile(pattern, re.DOTALL)
@@ -100,9 +112,16 @@ class RegexFormatReward(Reward):
             raise ValueError(f"format_regex: pattern {pattern!r} is not a valid regular expression: {e}") from e
         format_scores([], self.pattern, mode)
         self.mode = mode
+        self.scorer = None if timeout_s is None else DeadlineScorer(f"reward {self.name!r}", timeout_s)
 
     def score(self, samples, prompts, meta) -> Parts:
-        return {self.name: format_scores(_check_texts(samples), self.pattern, self.mode)}
+        texts = _check_texts(samples)
+        if self.scorer is None:
+            return {self.name: format_scores(texts, self.pattern, self.mode),
+                    f"{self.name}/timeout": torch.zeros(len(texts))}
+        values, late = self.scorer.map(_regex_item, [(self.pattern.pattern, self.mode, t) for t in texts])
+        return {self.name: torch.tensor([0.0 if t else v for v, t in zip(values, late)]),
+                f"{self.name}/timeout": torch.tensor(late, dtype=torch.float32)}
 
 
 # ---------------------------------------------------------------------------------------------- math

@@ -260,3 +260,27 @@ def test_timeout_option_is_validated(bad):
     for name in ("reasoning_gym", "math_verify"):
         with pytest.raises(ValueError, match="timeout_s must be a finite number"):
             build_reward(name, timeout_s=bad)
+
+
+def test_format_regex_backtracking_is_stopped_at_the_deadline():
+    """A pattern with nested quantifiers backtracks exponentially on a near-match (2**40 steps here); with
+    ``timeout_s`` the sample is stopped, scores 0 and is counted, and the others are scored."""
+    r = build_reward("format_regex", pattern=r"(a+)+$", mode="fullmatch", timeout_s=1.0)
+    r(["aa"], [""])  # warm: the worker process is up
+    t0 = time.monotonic()
+    parts = r(["a" * 40 + "!", "aaa", "b"], [""] * 3)
+    assert time.monotonic() - t0 < 8
+    assert parts["format_regex"].tolist() == [0.0, 1.0, 0.0]
+    assert parts["format_regex/timeout"].tolist() == [1.0, 0.0, 0.0]
+    quick = build_reward("format_regex", pattern=r"a+", name="quick")  # default: in this process
+    assert quick(["aaa", "ab"], ["", ""])["quick/timeout"].tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="timeout_s must be a finite number"):
+        build_reward("format_regex", pattern="a", timeout_s=0)
+
+
+def test_arithmetic_answer_of_many_digits_is_wrong_not_an_error():
+    """int() refuses more than 4300 digits (CPython's guard); a policy that writes that many is wrong, not a crash."""
+    r = build_reward("arithmetic")
+    parts = r(["7+5+0=12\n4+8+1=13\n3+9+1=13\nA:" + "1" * 5000, "7+5+0=12\n4+8+1=13\n3+9+1=13\nA:1332"],
+              ["Q:347+985\n"] * 2)
+    assert parts["arithmetic"].tolist() == [0.0, 1.0]
