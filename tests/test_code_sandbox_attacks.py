@@ -206,10 +206,28 @@ import time
 """
 
 
-def test_setsid_grandchild_does_not_outlive_the_sandbox():
+HANG = """
+def stuck(marker):
+    probe(marker)
+    while True:  # swallow the time-out: only the kill at the deadline ends this
+        try:
+            while True:
+                pass
+        except BaseException:
+            pass
+"""
+
+
+@pytest.mark.parametrize("ending", ["returns", "killed_at_deadline"])
+def test_setsid_grandchild_does_not_outlive_the_sandbox(ending):
     marker = f"flowrl-escape-{secrets.token_hex(4)}"
-    sandboxed(ESCAPE, f"probe({marker!r})")
-    assert _gone(marker) == []
+    if ending == "returns":
+        status = sandboxed(ESCAPE, f"probe({marker!r})")
+    else:
+        quick = SandboxConfig(time_limit=1.0, grace=1.0, memory_limit_mb=512)
+        status = sandboxed(ESCAPE + HANG, f"stuck({marker!r})", cfg=quick)
+    assert _gone(marker) == [], status
+    assert status == (["pass"] if ending == "returns" else ["killed"])
 
 
 BOMB = """
