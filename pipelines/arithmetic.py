@@ -10,10 +10,9 @@ Digits are added right to left; step ``k`` (0-based from the right) is ``a_k+b_k
 ``A:`` followed by ``a + b`` in decimal. Both operands have exactly ``digits`` digits (100..999 for
 the default 3), so a completion has ``digits`` step lines and one answer line.
 
-**Training data with a systematic bug** (headroom for RL and process rewards, see
-``shared/research/embedded_tasks.md``): the "buggy student" adds with its own carry; at each step
-where its carry-in is 1 it forgets it (writes ``+0``) with probability ``p_forget`` (0.8), and its
-later steps follow its own (wrong) carries. When some step was wrong, the answer line shows the
+**Training data with a systematic bug** (headroom for RL and process rewards): the "buggy student"
+adds with its own carry; at each step where its carry-in is 1 it forgets it (writes ``+0``) with
+probability ``p_forget`` (0.8), and its later steps follow its own (wrong) carries. When some step was wrong, the answer line shows the
 student's wrong sum with probability ``p_propagate`` (0.5), else the true sum: a "miracle step" in
 the data (a right answer after a wrong step). The shipped model (``arithmetic_weights/``: a Llama with hidden 128, 4 layers, 4 heads,
 MLP 512, tied embeddings, 1,052,160 parameters, 4.2 MB of float32 safetensors; built by
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+
+from .registry import register_pipeline
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "arithmetic_weights"
 
@@ -213,9 +214,11 @@ def char_llama_config(vocab_size: int, *, max_positions: int):
     )
 
 
+@register_pipeline("arithmetic", family="llm")
 def load_arithmetic(path: Optional[str | Path] = None, **kwargs):
     """Load the shipped arithmetic model as a :class:`flowrl.pipelines.causal_lm.CausalLMPipeline`.
 
+    Registered as the ``arithmetic`` LLM adapter (``llm.model: arithmetic``; ``llm.model_path`` is ``path``).
     ``path`` defaults to the weights inside the installed package; ``kwargs`` go to
     :func:`flowrl.pipelines.causal_lm.load_causal_lm` (dtype, device, lora, ...).
     """

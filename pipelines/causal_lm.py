@@ -10,28 +10,22 @@ The model and tokenizer are read with ``from_pretrained`` (a hub id or a local f
 set ``HF_HUB_OFFLINE=1``). Padding is on the left for generation. ``backend="vllm"`` routes
 generation through :mod:`flowrl.llm.vllm_backend` (optional, GPU only); the trainer's log-probs then
 come from :meth:`CausalLMPipeline.logprobs` and the two are reconciled with
-``flowrl.core.losses.importance_weights``.
+``flowrl.core.importance_weights``.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from flowrl.core.dtypes import torch_dtype
 from flowrl.llm.generate import Generation, generate, token_logprobs
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-
-
-def _dtype(d) -> torch.dtype:
-    if isinstance(d, torch.dtype):
-        return d
-    if d not in _DTYPES:
-        raise ValueError(f"dtype={d!r}; valid: a torch.dtype or one of {sorted(_DTYPES)}")
-    return _DTYPES[d]
+from .registry import register_pipeline
 
 
 @dataclass
@@ -119,7 +113,57 @@ class CausalLMPipeline:
         ids = torch.where(gen.completion_mask, gen.completion_ids, self.tokenizer.pad_token_id)
         return self.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=skip_special_tokens)
 
+    # --------------------------------------------------------------- training plumbing (flowrl.llm.LLMPipeline)
+    @property
+    def external_sampler(self) -> bool:
+        """Whether vLLM samples (its log-probs then differ from the trainer's recompute)."""
+        return self.vllm is not None
 
+    def sync_sampler(self) -> None:
+        """Copy the trained weights into the vLLM engine (a no-op without one). Under LoRA the adapters are
+        merged into the base weights for the copy and unmerged after, and vLLM gets the base model's names."""
+        if self.vllm is None:
+            return
+        if self.is_lora:
+            self.model.merge_adapter()
+            try:
+                state = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+                         for k, v in self.model.state_dict().items() if "lora_" not in k}
+                self.vllm.load_weights(state)
+            finally:
+                self.model.unmerge_adapter()
+        else:
+            self.vllm.load_weights(self.model.state_dict())
+
+    @property
+    def is_lora(self) -> bool:
+        """Whether ``model`` is a peft model with adapters."""
+        return hasattr(self.model, "disable_adapter") and hasattr(self.model, "peft_config")
+
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[Any]:
+        """The model with its LoRA adapters disabled (the reference policy), inside a ``with`` block."""
+        if not self.is_lora:
+            raise ValueError("adapters_disabled: the model has no LoRA adapters (load it with lora=...)")
+        with self.model.disable_adapter():
+            yield self.model
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute activations in the backward pass (non-reentrant, so frozen inputs under LoRA work)."""
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def export(self, out_dir: str | Path) -> None:
+        """Save the adapters under ``out_dir/lora`` (LoRA) or the model (safetensors) and its tokenizer under
+        ``out_dir/model``; both load back with ``from_pretrained``."""
+        out_dir = Path(out_dir)
+        if self.is_lora:
+            self.model.save_pretrained(str(out_dir / "lora"))
+        else:
+            self.model.save_pretrained(str(out_dir / "model"), safe_serialization=True)
+            self.tokenizer.save_pretrained(str(out_dir / "model"))
+
+
+@register_pipeline("causal_lm", family="llm")
 def load_causal_lm(
     name_or_path: str,
     *,
@@ -134,6 +178,9 @@ def load_causal_lm(
 ) -> CausalLMPipeline:
     """Load a causal LM and its tokenizer with ``from_pretrained``; optionally wrap the model in LoRA.
 
+    Registered as the ``causal_lm`` LLM adapter: the trainer loads any ``llm.model`` that is not a registered
+    adapter's name (a hub id or a local folder) with it.
+
     lora: keyword arguments of ``peft.LoraConfig`` (e.g. ``{"r": 8, "lora_alpha": 16,
     "target_modules": ["q_proj", "v_proj"]}``); ``task_type`` defaults to ``CAUSAL_LM``. The tokenizer
     is set to left padding; a missing pad token becomes the EOS token. backend: "transformers" or
@@ -143,6 +190,7 @@ def load_causal_lm(
 
     if backend not in ("transformers", "vllm"):
         raise ValueError(f"load_causal_lm: backend={backend!r}; valid: 'transformers', 'vllm'")
+    dt = torch_dtype(dtype, who="dtype")
     tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     tok.padding_side = "left"
     if tok.pad_token is None:
@@ -150,7 +198,7 @@ def load_causal_lm(
             raise ValueError(f"tokenizer of {name_or_path!r} has neither a pad nor an EOS token")
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=_dtype(dtype), revision=revision, trust_remote_code=trust_remote_code
+        name_or_path, dtype=dt, revision=revision, trust_remote_code=trust_remote_code
     ).to(device)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
@@ -164,6 +212,6 @@ def load_causal_lm(
     if backend == "vllm":
         from flowrl.llm.vllm_backend import VLLMGenerator
 
-        vllm = VLLMGenerator(name_or_path, tokenizer=tok, dtype=str(_dtype(dtype)).replace("torch.", ""),
+        vllm = VLLMGenerator(name_or_path, tokenizer=tok, dtype=str(dt).replace("torch.", ""),
                              **(vllm_kwargs or {}))
     return CausalLMPipeline(model=model, tokenizer=tok, chat_template=chat_template, vllm=vllm)

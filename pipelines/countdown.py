@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from .arithmetic import SPECIALS, char_llama_config, char_tokenizer, load_embedded_lm
+from .registry import register_pipeline
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "countdown_weights"
 
@@ -41,8 +42,11 @@ def model_config(vocab_size: int = len(SPECIALS) + len(CHARS)):
     return char_llama_config(vocab_size, max_positions=MAX_LENGTH)
 
 
+@register_pipeline("countdown", family="llm")
 def load_countdown(path: Optional[str | Path] = None, **kwargs):
     """Load the shipped countdown model as a :class:`flowrl.pipelines.causal_lm.CausalLMPipeline`.
+
+    Registered as the ``countdown`` LLM adapter (``llm.model: countdown``; ``llm.model_path`` is ``path``).
 
     ``path`` defaults to the weights inside the installed package; ``kwargs`` go to
     :func:`flowrl.pipelines.causal_lm.load_causal_lm` (dtype, device, lora, ...).

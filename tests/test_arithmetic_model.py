@@ -105,7 +105,11 @@ def test_shipped_files():
 
 @pytest.fixture(scope="module")
 def shipped():
-    return ar.load_arithmetic()
+    """The shipped model as the trainer loads it: by name (llm.model: arithmetic) from the adapter registry."""
+    from flowrl.pipelines.registry import load_pipeline, pipeline_names
+
+    assert "arithmetic" in pipeline_names("llm")
+    return load_pipeline("arithmetic", None, family="llm", dtype="float32", device="cpu")
 
 
 def test_shipped_model_band_and_miracles(shipped):

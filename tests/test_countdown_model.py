@@ -68,6 +68,12 @@ def test_shipped_model_loads_with_from_pretrained_and_tokenizer_round_trips():
         assert k == k2 and torch.equal(v, v2)
     with pytest.raises(FileNotFoundError, match="build_countdown"):
         cd.load_countdown(ROOT / "no_such_dir")
+    # the trainer finds it by name (llm.model: countdown) in the adapter registry
+    from flowrl.pipelines.registry import load_pipeline, pipeline_names
+
+    assert "countdown" in pipeline_names("llm")
+    reg = load_pipeline("countdown", None, family="llm", dtype="float32", device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(reg.model.state_dict().values(), model.state_dict().values()))
 
 
 def test_build_script_noisy_targets():

@@ -253,6 +253,44 @@ def test_causal_lm_lora(char_lm_dir, gen):
     assert all(gr is not None for gr in grads) and any(float(gr.abs().sum()) > 0 for gr in grads)
 
 
+def test_causal_lm_training_plumbing_reference_and_export(char_lm_dir, gen, tmp_path):
+    """What the trainer asks of an LLM adapter (flowrl.llm.LLMPipeline), through the registry: the reference policy
+    under LoRA is the model with its adapters off (equal to the base model after a step that moved the adapters),
+    and the export loads back with from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    from flowrl.llm import LLMPipeline
+    from flowrl.pipelines.registry import load_pipeline
+
+    base = load_pipeline("causal_lm", str(char_lm_dir), family="llm", dtype="float32", device="cpu")
+    assert isinstance(base, LLMPipeline) and not base.is_lora and not base.external_sampler
+    base.sync_sampler()  # no external sampler: nothing to do
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        with base.adapters_disabled():
+            pass
+    base.export(tmp_path / "full")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "model")
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), base.model.state_dict().values()))
+    assert (tmp_path / "full" / "model" / "tokenizer.json").is_file()
+
+    pipe = load_pipeline("causal_lm", str(char_lm_dir), family="llm", dtype="float32", device="cpu",
+                         lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    assert pipe.is_lora
+    g = pipe.generate(["Q:12+34\n"] * 3, max_new_tokens=10, generator=gen)
+    opt = torch.optim.SGD([p for p in pipe.model.parameters() if p.requires_grad], lr=1.0)
+    (-(pipe.logprobs(g) * g.completion_mask).sum()).backward()
+    opt.step()
+    with torch.no_grad():
+        moved = pipe.logprobs(g)
+        with pipe.adapters_disabled() as ref_model:
+            ref = pipe.logprobs(g, model=ref_model)
+        want = base.logprobs(g)
+    m = g.completion_mask
+    assert float((ref - want).abs()[m].max()) < 1e-5 and float((moved - want).abs()[m].max()) > 1e-3
+    pipe.export(tmp_path / "lora_run")
+    assert (tmp_path / "lora_run" / "lora" / "adapter_config.json").is_file()
+
+
 # ----------------------------------------------------------------------------- vLLM backend (error path only)
 def test_vllm_backend_missing_raises_clear_import_error(monkeypatch, char_lm_dir):
     import sys

@@ -65,15 +65,15 @@ def test_truncation_mask_overlong_penalty_and_is_correction():
                       "prompts_per_iter=4")
     roll = task.rollout(0, iteration_generator(0, 0, 0))
     s, batch = roll.side, roll.batch.validate()
-    trunc = s["truncated"]
+    trunc = s.truncated
     assert 0 < int(trunc.sum()) < len(trunc), "the length limit should cut some completions and not others"
     assert not bool(batch.mask[trunc].any()) and bool(batch.mask[~trunc].any())
-    lengths = s["comp_mask"].sum(1)
+    lengths = s.comp_mask.sum(1)
     pen = soft_overlong_penalty(lengths, 31, 6)
-    torch.testing.assert_close(batch.outcome, s["outcome"] + pen)
-    assert s["is_w"] is not None and float(s["is_w"].max()) <= 1.0 + 1e-6
-    w_ref = torch.exp(batch.old_logp - s["sampler_logp"]).clamp(max=2.0) * s["comp_mask"]
-    torch.testing.assert_close(s["is_w"], w_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batch.outcome, s.outcome + pen)
+    assert s.is_w is not None and float(s.is_w.max()) <= 1.0 + 1e-6
+    w_ref = torch.exp(batch.old_logp - s.sampler_logp).clamp(max=2.0) * s.comp_mask
+    torch.testing.assert_close(s.is_w, w_ref, atol=1e-5, rtol=1e-5)
 
 
 def test_step_rewards_come_from_the_verifier_line_by_line():
@@ -83,13 +83,13 @@ def test_step_rewards_come_from_the_verifier_line_by_line():
     cfg, task = _task("dual_level")
     roll = task.rollout(0, iteration_generator(0, 0, 0))
     batch, s = roll.batch, roll.side
-    for i, text in enumerate(s["texts"]):  # a slow reference: split and score each completion alone
+    for i, text in enumerate(s.texts):  # a slow reference: split and score each completion alone
         lines = split_steps(text)
-        ref = verify_arithmetic([s["prompts"][i]], [lines]).step_scores[0]
+        ref = verify_arithmetic([s.prompts[i]], [lines]).step_scores[0]
         got = batch.step_reward[i, : len(lines)]
         assert torch.equal(torch.isnan(got), torch.isnan(ref)) and torch.equal(torch.nan_to_num(got), torch.nan_to_num(ref))
         assert bool(torch.isnan(batch.step_reward[i, len(lines):]).all())
-        toks = s["comp_ids"][i][s["comp_mask"][i]].tolist()
+        toks = s.comp_ids[i][s.comp_mask[i]].tolist()
         chars = [task.pipe.tokenizer.decode([t]) for t in toks]
         nl = 0
         for t, ch in enumerate(chars):  # step of a token = newlines before it
@@ -157,15 +157,24 @@ def test_bad_input_fails_clearly(tmp_path):
         cfg_of(grpo, "llm.max_new_tokenz=3")
     with pytest.raises(ConfigError, match="llm.temperature: expected a float"):
         cfg_of(grpo, "llm.temperature=hot")
-    with pytest.raises(ValueError, match="training dataset is empty"):
-        train(cfg_of(grpo, "llm.dataset_size=0"), tmp_path / "a")
+    with pytest.raises(ConfigError, match="llm.dataset_size=0: the training dataset is empty"):
+        cfg_of(grpo, "llm.dataset_size=0")  # a range check of the section: when the config is read
+    with pytest.raises(ConfigError, match=r"llm.overlong_cache=41: must lie in \[0, max_new_tokens=40\]"):
+        cfg_of(grpo, "llm.overlong_cache=41")
+    with pytest.raises(ConfigError, match="llm.temperature=0.0: rollouts sample"):
+        cfg_of(grpo, "llm.temperature=0.0")
+    # the algorithms' cross-field checks fail before any data or model loads
     with pytest.raises(ValueError, match="needs llm.process_reward"):
         train(cfg_of(grpo, "llm.shaping=prof"), tmp_path / "b")
     with pytest.raises(ValueError, match="set advantage.estimator=prime"):
-        train(cfg_of(ROOT / "configs/arith/prime.yaml", "advantage.estimator=grpo"), tmp_path / "c")
+        train(cfg_of(ROOT / "configs/arith/prime.yaml", "advantage.estimator=grpo", "advantage.params={}"), tmp_path / "c")
+    with pytest.raises(ValueError, match="advantage.estimator=prime needs algorithm=llm_prime"):
+        train(cfg_of(grpo, "advantage.estimator=prime", "advantage.params={}"), tmp_path / "d")
+    with pytest.raises(ValueError, match=r"unknown llm model adapter 'digits'; valid: \['arithmetic', 'causal_lm', 'countdown'\]"):
+        train(cfg_of(grpo, "llm.model=digits"), tmp_path / "e")
     with pytest.raises(ConfigError, match="llm_grpo"):
         cfg_of(grpo, "algorithm=llm_nope")
-    assert not (tmp_path / "a" / "checkpoints").exists()
+    assert not any((tmp_path / d / "checkpoints").exists() for d in "bcde")
 
 
 def test_nan_reward_is_a_clear_error_or_a_counted_mask(tmp_path):
@@ -210,7 +219,7 @@ def _rank_main(rank: int, world: int, port: int, out: str):
     task = LLMTask(cfg, acc)
     roll = task.rollout(0, iteration_generator(cfg.seed, 0, rank))
     adv = compute_advantages(cfg.advantage.estimator, roll.batch.validate(), **cfg.advantage.params)
-    torch.save({"adv": adv, "reward": roll.batch.outcome, "ids": roll.side["comp_ids"]}, Path(out) / f"adv_{rank}.pt")
+    torch.save({"adv": adv, "reward": roll.batch.outcome, "ids": roll.side.comp_ids}, Path(out) / f"adv_{rank}.pt")
     train(cfg, Path(out) / "run", accelerator=acc)
 
 
@@ -233,9 +242,9 @@ def test_two_processes_equal_one(tmp_path):
     two.mkdir()
     mp.start_processes(_rank_main, args=(2, _free_port(), str(two)), nprocs=2, start_method="spawn")
     parts = [torch.load(two / f"adv_{r}.pt") for r in (0, 1)]
-    T = roll.side["comp_ids"].shape[1]
+    T = roll.side.comp_ids.shape[1]
     pad = lambda t: torch.nn.functional.pad(t, (0, T - t.shape[1]), value=task.pad_id)
-    assert torch.equal(torch.cat([pad(p["ids"]) for p in parts]), roll.side["comp_ids"])
+    assert torch.equal(torch.cat([pad(p["ids"]) for p in parts]), roll.side.comp_ids)
     torch.testing.assert_close(torch.cat([p["reward"] for p in parts]), roll.batch.outcome)
     a2 = torch.cat([torch.nn.functional.pad(p["adv"], (0, T - p["adv"].shape[1])) for p in parts])
     torch.testing.assert_close(a2, adv1, atol=1e-5, rtol=0)

@@ -18,8 +18,8 @@ Top-k / top-p. With truncation the sampler draws from ``pi_S(v) = pi_tau(v) / Z_
 the trainer recomputes and differentiates, ratio 1 at unchanged weights); the behaviour policy's own
 log-prob ``log pi_S(y_t) = logp_t - log Z_S`` is returned separately as ``sampler_logp`` (from the
 processed scores), so an off-policy correction ``w = pi_tau / pi_S = Z_S <= 1`` can be applied with
-:func:`flowrl.core.losses.importance_weights` (TRL issue 6789 describes the spurious ``log Z_S`` that a
-ratio against ``sampler_logp`` would otherwise carry). Without truncation ``sampler_logp`` is None.
+:func:`flowrl.core.importance_weights` (a ratio against ``sampler_logp`` would otherwise carry a spurious
+``log Z_S``). Without truncation ``sampler_logp`` is None.
 """
 from __future__ import annotations
 

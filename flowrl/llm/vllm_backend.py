@@ -19,7 +19,7 @@ top-k/top-p, i.e. ``log pi_S(y_t)`` in :mod:`flowrl.llm.generate`'s notation. (v
 forward pass, these numbers are *not* the trainer's: the returned :class:`Generation` carries them
 in both ``logp`` and ``sampler_logp``; the trainer recomputes its own ``old_logp`` with
 :func:`token_logprobs` and multiplies the per-token loss by
-``flowrl.core.losses.importance_weights(old_logp, sampler_logp, mask)`` (TIS / MIS). ``entropy`` is
+``flowrl.core.importance_weights(old_logp, sampler_logp, mask)`` (TIS / MIS). ``entropy`` is
 None (vLLM returns no full distribution); compute it in the trainer's forward pass if needed.
 
 Weights: after each policy update call :meth:`VLLMGenerator.load_weights` with the policy's
