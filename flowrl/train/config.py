@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
-from flowrl.config import field
+from flowrl.config import check, field, finite
 
 
 @dataclass
@@ -119,10 +119,12 @@ class FlowConfig:
 
 @dataclass
 class LLMConfig:
-    """LLM rollouts (``algorithm: llm_grpo | llm_prime``; flowrl.train.llm_task)."""
+    """LLM rollouts (an LLM algorithm: ``llm_grpo``, ``llm_prime``, ...; flowrl.train.llm_task)."""
 
-    model: str = field("arithmetic", help="'arithmetic' or 'countdown' (the embedded models) or a transformers causal LM (hub id / local dir, from_pretrained)")
-    model_path: Optional[str] = field(None, help="local directory of the embedded model's weights (None: the shipped ones); ignored for other models")
+    model: str = field("arithmetic", help="a registered LLM adapter (arithmetic, countdown: the embedded models; flowrl.pipelines.registry) "
+                                          "or else a transformers causal LM's hub id / local folder, loaded with from_pretrained by the causal_lm adapter")
+    model_path: Optional[str] = field(None, help="weights folder handed to the registered adapter llm.model (None: the adapter's own, e.g. the shipped "
+                                                 "embedded weights); must be null when llm.model is a hub id / folder")
     dtype: Literal["float32", "bfloat16", "float16"] = field("float32", help="model dtype (bf16/fp16 on GPU)")
     backend: Literal["transformers", "vllm"] = field("transformers", help="sampler: transformers generate, or vLLM (GPU; sampler-vs-trainer IS correction applies)")
     chat_template: bool = field(False, help="wrap prompts with the tokenizer's chat template")
@@ -154,9 +156,10 @@ class LLMConfig:
     overlong_factor: float = field(1.0, help="DAPO soft overlong penalty at the limit")
     dynamic_sampling: bool = field(False, help="DAPO dynamic sampling: keep only groups with unequal rewards and refill to prompts_per_iter")
     max_refill_rounds: int = field(4, help="extra generation rounds of dynamic sampling before constant groups are kept (they get advantage 0)")
-    shaping: Optional[Literal["prof", "posterior_gate", "trust_weight", "accuracy_band"]] = field(
-        None, help="process/outcome shaping before the advantage: PROF filter, Posterior-GRPO gate, Trust-GRPO weight, PRIME accuracy band")
-    shaping_params: dict[str, Any] = field(default_factory=dict, help="keyword parameters of the shaping (prof: keep, mode; posterior_gate: coef; trust_weight: alpha ...; accuracy_band: low, high)")
+    shaping: Optional[str] = field(
+        None, help="a registered shaper applied before the advantage (flowrl.train.llm_shaping.SHAPERS): prof (PROF filter), "
+                   "posterior_gate (Posterior-GRPO gate), trust_weight (Trust-GRPO weight), accuracy_band (PRIME's prompt filter); None: off")
+    shaping_params: dict[str, Any] = field(default_factory=dict, help="keyword parameters of the shaper (prof: keep, mode, lam, h_lambda; posterior_gate: coef; trust_weight: alpha, anneal_steps, low, high; accuracy_band: low, high)")
     is_correction: Literal["auto", "off", "always"] = field("auto", help="sampler-vs-trainer importance weights: auto (when the sampler's log-probs differ: vLLM, top-k/p), off, always")
     is_level: Literal["token", "sequence"] = field("token", help="importance weights per token or per sequence")
     is_mode: Literal["truncate", "mask"] = field("truncate", help="TIS (truncate at is_cmax) or MIS (mask outside [0, is_cmax])")
@@ -164,6 +167,41 @@ class LLMConfig:
     prm_lr: float = field(1e-4, help="llm_prime: learning rate of the implicit PRM (a copy of the initial policy)")
     prm_beta: float = field(0.05, help="llm_prime: beta of the implicit reward beta * (log pi_phi - log pi_ref)")
     prm_update: Literal["before", "after"] = field("before", help="llm_prime: update the PRM before computing its rewards (double forward) or after")
+
+    def __post_init__(self):
+        check(self.dataset_size >= 1, f"dataset_size={self.dataset_size}: the training dataset is empty; it needs >= 1 problem")
+        check(self.eval_size >= 1, f"eval_size={self.eval_size}: the evaluation set is empty; it needs >= 1 problem")
+        check(self.digits >= 1, f"digits={self.digits}: must be >= 1")
+        check(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens}: must be >= 1")
+        check(finite(self.temperature) and self.temperature > 0,
+              f"temperature={self.temperature}: rollouts sample, so it must be finite and > 0 (evaluation is greedy)")
+        check(self.top_k is None or self.top_k >= 1, f"top_k={self.top_k}: must be >= 1 (or null: off)")
+        check(self.top_p is None or (finite(self.top_p) and 0 < self.top_p <= 1), f"top_p={self.top_p}: must be in (0, 1] (or null: off)")
+        check(self.gen_batch >= 0, f"gen_batch={self.gen_batch}: must be >= 0 (0: one generate call per rank)")
+        check(finite(self.correct_threshold), f"correct_threshold={self.correct_threshold}: must be finite")
+        check(self.step_chunk >= 1, f"step_chunk={self.step_chunk}: must be >= 1")
+        check(self.steps != "regex" or bool(self.step_pattern), "steps=regex needs step_pattern (the regex that starts a step)")
+        if self.step_pattern is not None:
+            import re
+
+            try:
+                re.compile(self.step_pattern)
+            except re.error as e:
+                raise ValueError(f"step_pattern={self.step_pattern!r} is not a valid regex: {e}") from None
+        check(finite(self.kl_in_reward) and self.kl_in_reward >= 0, f"kl_in_reward={self.kl_in_reward}: must be finite and >= 0 (0: off)")
+        check(0 <= self.overlong_cache <= self.max_new_tokens,
+              f"overlong_cache={self.overlong_cache}: must lie in [0, max_new_tokens={self.max_new_tokens}]")
+        check(finite(self.overlong_factor) and self.overlong_factor >= 0, f"overlong_factor={self.overlong_factor}: must be finite and >= 0")
+        check(self.max_refill_rounds >= 0, f"max_refill_rounds={self.max_refill_rounds}: must be >= 0")
+        check(finite(self.is_cmax) and self.is_cmax > 0, f"is_cmax={self.is_cmax}: must be finite and > 0")
+        check(finite(self.prm_lr) and self.prm_lr > 0, f"prm_lr={self.prm_lr}: must be finite and > 0")
+        check(finite(self.prm_beta) and self.prm_beta > 0, f"prm_beta={self.prm_beta}: must be finite and > 0")
+        if self.shaping is not None:
+            from flowrl.train.llm_shaping import check_shaping
+
+            check_shaping(self.shaping, self.shaping_params, key="shaping")
+        else:
+            check(not self.shaping_params, f"shaping_params={self.shaping_params} are given but shaping is null")
 
 
 @dataclass
