@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	# torch 2.14.1 + torchvision 0.29.1: the pair that installs from this machine's local wheels.
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[dev]'
+	# the code sandbox (code_tests reward and its tests) runs untrusted code only under bubblewrap
+	command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq bubblewrap; } || echo "warning: install bubblewrap (apt-get install bubblewrap) for the code_tests reward and its tests" >&2
 	touch $(STAMP)
 
 setup: $(STAMP)
