@@ -329,7 +329,8 @@ class ReasoningGymReward(Reward):
                  require_tag: bool = False, timeout_s: float = 5.0, workers: int = 1):
         super().__init__(name=name, on_error=on_error)
         self.answer_tag, self.require_tag = answer_tag, require_tag
-        self.scorer = DeadlineScorer(f"reward {self.name!r}", timeout_s, workers, initializer=_warm_worker)
+        # the scorers take microseconds: many samples per round trip to the worker (chunk)
+        self.scorer = DeadlineScorer(f"reward {self.name!r}", timeout_s, workers, initializer=_warm_worker, chunk=32)
 
     def extract(self, completion: str) -> Optional[str]:
         """The answer string the scorer sees (stripped), or None."""

@@ -112,7 +112,7 @@ class RegexFormatReward(Reward):
             raise ValueError(f"format_regex: pattern {pattern!r} is not a valid regular expression: {e}") from e
         format_scores([], self.pattern, mode)
         self.mode = mode
-        self.scorer = None if timeout_s is None else DeadlineScorer(f"reward {self.name!r}", timeout_s)
+        self.scorer = None if timeout_s is None else DeadlineScorer(f"reward {self.name!r}", timeout_s, chunk=32)
 
     def score(self, samples, prompts, meta) -> Parts:
         texts = _check_texts(samples)

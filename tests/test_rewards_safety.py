@@ -241,6 +241,17 @@ def test_deadline_scorer_marks_the_late_sample_and_reports_errors():
     with pytest.raises(ScorerError, match="sample 1: ValueError"):
         s.map(time.sleep, [0.0, -1.0])  # sleep(-1) raises in the worker
     s.close()
+    # many samples per round trip: a late (or failing) chunk is scored again sample by sample
+    c = DeadlineScorer("test", timeout_s=1.0, chunk=3)
+    t0 = time.monotonic()
+    values, late = c.map(time.sleep, [0.0, 0.0, 0.0, 0.0, 60.0, 0.0, 0.0])
+    assert late == [False, False, False, False, True, False, False]
+    assert time.monotonic() - t0 < 12
+    with pytest.raises(ScorerError, match="sample 5: ValueError"):
+        c.map(time.sleep, [0.0, 0.0, 0.0, 0.0, 0.0, -1.0])
+    c.close()
+    with pytest.raises(ValueError, match="chunk must be an integer >= 1"):
+        DeadlineScorer("test", timeout_s=1.0, chunk=0)
 
 
 def test_timeouts_and_refusals_are_counted_in_the_metrics():
