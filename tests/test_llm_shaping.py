@@ -35,10 +35,12 @@ def inputs(seed: int, *, B=12, G=4, S=3, it=7) -> ShapingInput:
     sr = torch.rand(B, S, generator=g)
     sr[torch.rand(B, S, generator=g) < 0.3] = float("nan")
     sr[0] = float("nan")  # a completion with no scored step (only an answer line)
+    sr[1] = torch.tensor([0.5] + [float("nan")] * (S - 1))
     proc, _ = process_score(sr)
-    return ShapingInput(outcome=torch.randn(B, generator=g), correct=torch.rand(B, generator=g) > 0.5,
-                        valid=torch.rand(B, generator=g) > 0.1, group=torch.arange(B) // G, step_reward=sr,
-                        process=proc, iteration=it, group_size=G)
+    correct, valid = torch.rand(B, generator=g) > 0.5, torch.rand(B, generator=g) > 0.1
+    correct[1], valid[1] = True, False  # a correct row whose reward could not be computed
+    return ShapingInput(outcome=torch.randn(B, generator=g), correct=correct, valid=valid, group=torch.arange(B) // G,
+                        step_reward=sr, process=proc, iteration=it, group_size=G)
 
 
 def test_process_score_against_a_loop():
