@@ -235,7 +235,7 @@ class FunctionReward(Reward):
 
 # --------------------------------------------------------------------------------------------- registry
 # Modules of flowrl.rewards that register nothing (importing them to fill the registries is wasted work).
-_NOT_PLUGINS = ("base", "safe_eval", "deadline", "server")
+_NOT_PLUGINS = ("base", "safe_eval", "scoring", "deadline", "server")
 
 
 def _load_builtin() -> dict[str, str]:
