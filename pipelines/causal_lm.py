@@ -162,6 +162,29 @@ class CausalLMPipeline:
             self.model.save_pretrained(str(out_dir / "model"), safe_serialization=True)
             self.tokenizer.save_pretrained(str(out_dir / "model"))
 
+    def load_export(self, out_dir: str | Path) -> None:
+        """Load what :meth:`export` wrote into ``out_dir`` into this model (the adapters under LoRA, else every
+        weight); a missing file is a FileNotFoundError naming it."""
+        out_dir = Path(out_dir)
+        if self.is_lora:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            f = out_dir / "lora" / "adapter_model.safetensors"
+            if not f.is_file():
+                raise FileNotFoundError(f"no LoRA export at {f}")
+            result = set_peft_model_state_dict(self.model, load_file(str(f), device=str(self.device)))
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"LoRA export {f} has weights this model lacks: {result.unexpected_keys[:5]}")
+            return
+        from transformers import AutoModelForCausalLM
+
+        d = out_dir / "model"
+        if not (d / "config.json").is_file():
+            raise FileNotFoundError(f"no model export at {d} (config.json missing)")
+        saved = AutoModelForCausalLM.from_pretrained(str(d), dtype=next(self.model.parameters()).dtype)
+        self.model.load_state_dict(saved.state_dict())  # strict: the same architecture
+
 
 @register_pipeline("causal_lm", family="llm")
 def load_causal_lm(

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from flowrl.config import load
 from flowrl.core import masked_mean
@@ -52,6 +53,15 @@ def test_an_algorithm_registered_in_a_test_file_trains_the_arithmetic_model(regi
         assert r["sft/nll"] > 0 and r["grad_norm"] > 0
         assert r["policy/loss"] == pytest.approx(r["sft/policy_part"] + GRPOWithSFT.coef * r["sft/nll"], rel=1e-5)
     assert (out / "model" / "model.safetensors").is_file()
+    # a finished run loads back into a fresh task of its algorithm (load_export is export's inverse)
+    from safetensors.torch import load_file
+
+    from flowrl.train.load_run import load_run
+
+    _, task = load_run(out)
+    saved = load_file(str(out / "model" / "model.safetensors"))
+    state = task.module.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
 
 
 def test_family_checks_run_for_a_registered_algorithm(registered):

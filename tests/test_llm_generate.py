@@ -289,6 +289,20 @@ def test_causal_lm_training_plumbing_reference_and_export(char_lm_dir, gen, tmp_
     assert float((ref - want).abs()[m].max()) < 1e-5 and float((moved - want).abs()[m].max()) > 1e-3
     pipe.export(tmp_path / "lora_run")
     assert (tmp_path / "lora_run" / "lora" / "adapter_config.json").is_file()
+    # load_export is export's inverse: a fresh LoRA model gets the moved adapters back, a fresh full model the weights
+    fresh = load_pipeline("causal_lm", str(char_lm_dir), family="llm", dtype="float32", device="cpu",
+                          lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    fresh.load_export(tmp_path / "lora_run")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.logprobs(g), moved)
+    full = load_pipeline("causal_lm", str(char_lm_dir), family="llm", dtype="float32", device="cpu")
+    with torch.no_grad():
+        for p in full.model.parameters():
+            p.add_(0.5)
+    full.load_export(tmp_path / "full")
+    assert all(torch.equal(a, b) for a, b in zip(full.model.state_dict().values(), base.model.state_dict().values()))
+    with pytest.raises(FileNotFoundError, match="no LoRA export"):
+        fresh.load_export(tmp_path / "full")
 
 
 # ----------------------------------------------------------------------------- vLLM backend (error path only)

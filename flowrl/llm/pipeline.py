@@ -58,3 +58,7 @@ class LLMPipeline(Protocol):
         """Save the trained weights: the adapters under ``out_dir/lora``, or the model and its tokenizer
         under ``out_dir/model`` (safetensors)."""
         ...
+
+    def load_export(self, out_dir: Path) -> None:
+        """Load what :meth:`export` wrote into ``out_dir`` into ``model``."""
+        ...

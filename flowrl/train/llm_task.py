@@ -348,3 +348,7 @@ class LLMTask(TaskBase):
 
     def export(self, out_dir: Path) -> None:
         self.pipe.export(out_dir)
+
+    def load_export(self, out_dir: Path) -> None:
+        """Load what :meth:`export` wrote (a finished run's trained weights) into the model."""
+        self.pipe.load_export(out_dir)
