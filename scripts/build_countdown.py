@@ -45,7 +45,7 @@ from build_arithmetic import encode_texts, fit, save_tokenizer  # noqa: E402
 from flowrl.pipelines import countdown as cd  # noqa: E402
 from flowrl.rewards.reasoning_gym_tasks import ReasoningGymReward, make_task_dataset, task_meta  # noqa: E402
 
-EVAL_SEED_BASE = 10_000_019  # flowrl.train.llm_task.load_dataset: eval rows come from seed 10_000_019 + eval.seed
+EVAL_SEED_BASE = 10_000_019  # flowrl.train.llm_data.load_dataset (EVAL_SEED_OFFSET): eval rows come from seed 10_000_019 + eval.seed
 
 
 def puzzles(n: int, seed: int) -> list[dict]:
