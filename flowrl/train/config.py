@@ -20,6 +20,15 @@ class OptimConfig:
     eps: float = field(1e-8, help="AdamW epsilon")
     grad_clip: float = field(1.0, help="clip the global gradient norm to this (0 = off)")
 
+    def __post_init__(self):
+        check(finite(self.lr) and self.lr > 0, f"lr={self.lr}: the learning rate must be a finite number > 0")
+        check(finite(self.grad_clip) and self.grad_clip >= 0,
+              f"grad_clip={self.grad_clip}: must be a finite number > 0, or 0 to turn clipping off")
+        check(finite(self.weight_decay) and self.weight_decay >= 0, f"weight_decay={self.weight_decay}: must be finite and >= 0")
+        check(finite(self.eps) and self.eps > 0, f"eps={self.eps}: must be finite and > 0")
+        check(len(self.betas) == 2 and all(finite(b) and 0 <= b < 1 for b in self.betas),
+              f"betas={list(self.betas)}: must be two numbers in [0, 1)")
+
 
 @dataclass
 class LoraConfig:
@@ -28,12 +37,20 @@ class LoraConfig:
     alpha: float = field(16.0, help="LoRA alpha (scaling alpha / r)")
     target_modules: list[str] = field(default_factory=list, help="module names to adapt (empty: the adapter's default attention projections)")
 
+    def __post_init__(self):
+        check(self.rank >= 1, f"rank={self.rank}: the LoRA rank must be >= 1")
+        check(finite(self.alpha) and self.alpha > 0, f"alpha={self.alpha}: must be finite and > 0")
+
 
 @dataclass
 class EMAConfig:
     enabled: bool = field(False, help="keep an exponential moving average of the trained weights (used for evaluation)")
     decay: float = field(0.9, help="EMA decay per update")
-    every: int = field(1, help="update the EMA every this many optimiser steps")
+    every: int = field(1, help="update the EMA every this many optimiser steps (counted over the run)")
+
+    def __post_init__(self):
+        check(finite(self.decay) and 0 <= self.decay < 1, f"decay={self.decay}: must be in [0, 1)")
+        check(self.every >= 1, f"every={self.every}: must be >= 1")
 
 
 @dataclass
@@ -59,6 +76,11 @@ class EvalConfig:
     seed: int = field(1234, help="seed of the evaluation noise (fixed across evaluations)")
     grid_per_prompt: int = field(8, help="samples per prompt in the PNG grid")
 
+    def __post_init__(self):
+        check(self.every >= 1, f"every={self.every}: evaluate every this many iterations; must be >= 1")
+        check(self.num_per_prompt >= 1, f"num_per_prompt={self.num_per_prompt}: must be >= 1")
+        check(self.grid_per_prompt >= 1, f"grid_per_prompt={self.grid_per_prompt}: must be >= 1")
+
 
 @dataclass
 class GuidanceConfig:
@@ -70,6 +92,13 @@ class GuidanceConfig:
     estimator: Literal["autograd", "spsa"] = field("autograd", help="gradient of the process reward: autograd or SPSA")
     logprob_mean: Literal["unguided", "guided"] = field("unguided", help="score actions under the unguided mean (distils guidance) or the guided one")
     eval_guided: bool = field(False, help="also evaluate with guidance (the default evaluation is unguided)")
+
+    def __post_init__(self):
+        check(finite(self.scale) and self.scale >= 0, f"scale={self.scale}: must be finite and >= 0")
+        check(self.kl_beta is None or (finite(self.kl_beta) and self.kl_beta > 0),
+              f"kl_beta={self.kl_beta}: must be > 0 (or null: scale mode)")
+        check(self.window is None or (len(self.window) == 2 and 0 <= self.window[0] < self.window[1]),
+              f"window={self.window}: must be [start, stop) with 0 <= start < stop (or null: every step)")
 
 
 @dataclass
@@ -87,13 +116,25 @@ class CriticConfig:
     weighting: Literal["exp", "positive"] = field("exp", help="w from A: exp = exp(A / tau) (ORW-CFM-W2); positive = max(A, 0); both normalised to mean 1 over the batch")
     fm_sigma: list[float] = field(default_factory=lambda: [0.0, 1.0], help="[lo, hi]: the flow-matching loss's noise levels sigma ~ U(lo, hi)")
 
+    def __post_init__(self):
+        fs = list(self.fm_sigma)
+        check(len(fs) == 2 and all(finite(v) for v in fs) and 0.0 <= fs[0] < fs[1] <= 1.0,
+              f"fm_sigma={fs}: fm_sigma must be [lo, hi] with 0 <= lo < hi <= 1")
+        for key in ("lr", "temperature", "adv_clip"):
+            value = getattr(self, key)
+            check(finite(value) and value > 0, f"{key}={value}: must be finite and > 0")
+        check(finite(self.w2_alpha) and self.w2_alpha >= 0, f"w2_alpha={self.w2_alpha}: must be finite and >= 0")
+        for key in ("width", "updates_per_iter", "fm_samples"):
+            check(getattr(self, key) >= 1, f"{key}={getattr(self, key)}: must be >= 1")
+        check(self.warmup_iters >= 0, f"warmup_iters={self.warmup_iters}: must be >= 0")
+
 
 @dataclass
 class FlowConfig:
-    model: str = field("digits", help="pipeline: digits | sd3 | flux | wan")
-    model_path: Optional[str] = field(None, help="hub id or local directory of the model (None: the embedded digits weights)")
+    model: str = field("digits", help="registered flow model adapter (flowrl.pipelines.registry.PIPELINES, family flow)")
+    model_path: Optional[str] = field(None, help="hub id or local directory of the model, given to the adapter's loader (None: the adapter's own weights, e.g. digits' shipped ones)")
     dtype: Literal["float32", "bfloat16", "float16"] = field("float32", help="model dtype (bf16/fp16 on GPU)")
-    model_kwargs: dict[str, Any] = field(default_factory=dict, help="options of the adapter's from_pretrained (height, width, num_frames, guidance_scale, ...)")
+    model_kwargs: dict[str, Any] = field(default_factory=dict, help="keyword options of the adapter's loader (sd3/flux/wan: from_pretrained's height, width, num_frames, guidance_scale, ...)")
     prompts: list[str] = field(default_factory=list, help="training prompts (empty: the task's default set, e.g. the ten digits)")
     prompt_file: Optional[str] = field(None, help="file with one training prompt per line (overrides prompts)")
     eval_prompts: list[str] = field(default_factory=list, help="evaluation prompts (empty: the training prompts)")
@@ -110,11 +151,23 @@ class FlowConfig:
     rewards: dict[str, Any] = field(default_factory=lambda: {"digits": {"weight": 1.0}},
                                     help="outcome rewards {name: {weight, type, options}} (flowrl.rewards.build_rewards)")
     process_reward: Optional[dict[str, Any]] = field(None, help="process reward {type: registered name, ...options} for guidance / dual rewards")
-    process_weight: float = field(0.0, help="Euphonium dual-reward weight c_P of the per-step process-reward advantage")
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig, help="reward-gradient guidance (Euphonium)")
-    tp_eta: float = field(1.0, help="TurningPoint-GRPO: eta of the turning-point bonus")
-    tp_balance: bool = field(False, help="TurningPoint-GRPO: balance positive and negative bonuses in the batch")
     critic: CriticConfig = field(default_factory=CriticConfig, help="AC-Flow critic")
+
+    def __post_init__(self):
+        check(self.num_steps >= 1, f"num_steps={self.num_steps}: must be >= 1")
+        check(self.eval_num_steps is None or self.eval_num_steps >= 1,
+              f"eval_num_steps={self.eval_num_steps}: must be >= 1 (or null: num_steps)")
+        check(finite(self.noise_level) and self.noise_level >= 0, f"noise_level={self.noise_level}: must be finite and >= 0")
+        check(self.cfg_scale is None or finite(self.cfg_scale), f"cfg_scale={self.cfg_scale}: must be finite (or null: off)")
+        check(finite(self.timestep_fraction) and 0.0 < self.timestep_fraction <= 1.0,
+              f"timestep_fraction={self.timestep_fraction}: must be in (0, 1]")
+        check(self.sde_window is None or (len(self.sde_window) == 2 and 0 <= self.sde_window[0] < self.sde_window[1]),
+              f"sde_window={self.sde_window}: must be [start, stop) with 0 <= start < stop (or null: every step)")
+        check(self.steps_per_backward >= 0, f"steps_per_backward={self.steps_per_backward}: must be >= 0 (0: all steps)")
+        check(self.micro_batch >= 0, f"micro_batch={self.micro_batch}: must be >= 0 (0: the whole minibatch)")
+        check(self.process_reward is None or "type" in self.process_reward,
+              f"process_reward={self.process_reward}: needs a 'type' (a registered process reward)")
 
 
 @dataclass
@@ -206,8 +259,12 @@ class LLMConfig:
 
 @dataclass
 class TrainConfig:
-    algorithm: Literal["flow_grpo", "dance_grpo", "tp_grpo", "euphonium", "ac_flow", "llm_grpo", "llm_prime"] = field(
-        "flow_grpo", help="what the iteration does with a rollout (the estimator and loss are set below)")
+    algorithm: str = field("flow_grpo", help="registered training algorithm (flowrl.train.algorithms.ALGORITHMS; "
+                                             "`flowrl train --help-config` lists them): what the iteration does with a "
+                                             "rollout (the estimator and loss are set below)")
+    plugins: list[str] = field(default_factory=list, help="your own modules (dotted names) or .py files, imported before "
+                               "the config is checked, so that the algorithms, estimators, losses, rewards and model "
+                               "adapters they register can be named below (see docs/extending.md)")
     seed: int = field(0, help="seed of everything (rollout noise, prompt order, minibatches)")
     iterations: int = field(60, help="rollout-and-update iterations")
     prompts_per_iter: int = field(10, help="prompts per iteration (over all ranks)")
@@ -228,4 +285,40 @@ class TrainConfig:
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig, help="policy loss")
     eval: EvalConfig = field(default_factory=EvalConfig, help="evaluation")
     flow: FlowConfig = field(default_factory=FlowConfig, help="flow-model rollouts")
-    llm: LLMConfig = field(default_factory=LLMConfig, help="LLM rollouts (llm_grpo, llm_prime)")
+    llm: LLMConfig = field(default_factory=LLMConfig, help="LLM rollouts (what the LLM algorithms read)")
+
+    def __post_init__(self):
+        validate_train_config(self)
+
+
+def validate_train_config(cfg: "TrainConfig") -> None:
+    """Ranges of the loop's settings, the registered names (algorithm, estimator, loss) with their parameters,
+    and the algorithm's own cross-field checks. Runs when the config is read, before any model loads; every
+    failure is a ValueError whose message names the key."""
+    from flowrl.plugins import load_plugins
+
+    load_plugins(cfg.plugins)  # first: they register names that the checks below look up
+    for key in ("iterations", "prompts_per_iter", "group_size", "updates_per_rollout", "minibatches", "threads",
+                "save_every"):
+        value = getattr(cfg, key)
+        check(value >= 1, f"{key}={value}: must be >= 1")
+    check(finite(cfg.max_minutes) and cfg.max_minutes >= 0, f"max_minutes={cfg.max_minutes}: must be >= 0 (0: no limit)")
+    from flowrl.core import ADVANTAGES, AGG_MODES, LOSSES, min_group_size
+    from flowrl.core.registry import UnknownNameError, check_params
+    from flowrl.train.algorithms import ALGORITHMS
+
+    try:
+        algorithm = ALGORITHMS[cfg.algorithm]
+        estimator = ADVANTAGES[cfg.advantage.estimator]
+        loss = LOSSES[cfg.loss.name]
+    except UnknownNameError as e:
+        raise ValueError(str(e)) from None
+    check_params("advantage estimator", cfg.advantage.estimator, estimator, cfg.advantage.params, skip=1)
+    check_params("policy loss", cfg.loss.name, loss, {"agg": cfg.loss.agg, **cfg.loss.params}, skip=4)
+    check(cfg.loss.agg in AGG_MODES, f"loss.agg={cfg.loss.agg!r}: valid: {list(AGG_MODES)}")
+    check(finite(cfg.loss.kl_beta) and cfg.loss.kl_beta >= 0, f"loss.kl_beta={cfg.loss.kl_beta}: must be finite and >= 0")
+    need = min_group_size(cfg.advantage.estimator)
+    check(cfg.group_size >= need,
+          f"group_size={cfg.group_size}: advantage estimator {cfg.advantage.estimator!r} compares the samples of a "
+          f"group, so it needs group_size >= {need} (a group of one always gets advantage 0)")
+    algorithm.validate_config(cfg)
