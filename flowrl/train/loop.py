@@ -119,6 +119,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, task: 
     """
     out_dir = Path(out_dir)
     torch.set_num_threads(cfg.threads)
+    # torch's global generator starts from entropy in every process; whatever draws from it while the task is
+    # built (LoRA's initial weights, a critic's layers) must be the same on every rank and every run
+    torch.manual_seed(cfg.seed)
     fingerprint, ckpt = check_run_dir(out_dir, cfg, resume)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(_yaml(to_dict(cfg)))

@@ -53,7 +53,13 @@ class Task(Protocol):
 
     def load_extra_state(self, state: dict[str, Any]) -> None: ...
 
-    def export(self, out_dir: Path) -> None: ...
+    def export(self, out_dir: Path) -> None:
+        """Write the trained weights (a LoRA, or the full model) into ``out_dir``."""
+        ...
+
+    def load_export(self, out_dir: Path) -> None:
+        """Load what :meth:`export` wrote (a finished run's trained weights) into the model."""
+        ...
 
 
 def iteration_generator(seed: int, it: int, rank: int, salt: int = 0) -> torch.Generator:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from flowrl.core.registry import Registry, import_submodules
 
 ALGORITHMS: Registry = Registry(
-    "algorithm", loader=lambda: import_submodules("flowrl.train.algorithms", exclude=("base", "flow_base", "llm_base")),
+    "algorithm", loader=lambda: import_submodules("flowrl.train.algorithms", exclude=("base", "flow_base", "flow_ppo", "llm_base")),
 )
 
 
