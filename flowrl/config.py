@@ -188,7 +188,7 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] 
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
     base = to_dict(cls()) if _all_defaults(cls) else {}
-    merged = _deep_merge(base, data)
+    merged = _merge_sections(cls, base, data)
     return from_dict(cls, apply_overrides(merged, overrides))
 
 
@@ -197,10 +197,21 @@ def _all_defaults(cls: type) -> bool:
                for f in dataclasses.fields(cls))
 
 
-def _deep_merge(base: dict, top: dict) -> dict:
+def _merge_sections(cls: type, base: dict, top: dict) -> dict:
+    """``top`` over the defaults ``base``: a config section (a nested dataclass) is merged key by key, any other
+    value is replaced whole. A mapping-valued setting (a reward table, a loss's parameters) is the file's own:
+    merged, the defaults' entries would stay in it unasked (a real-model config would keep the default digits
+    reward, a loss would receive another loss's default parameters)."""
+    if not isinstance(top, dict):
+        return top
+    hints = typing.get_type_hints(cls)
     out = dict(base)
     for k, v in top.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        tp = hints.get(k)
+        if tp is not None and dataclasses.is_dataclass(tp) and isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge_sections(tp, out[k], v)
+        else:
+            out[k] = v
     return out
 
 

@@ -87,3 +87,19 @@ def test_cli_refuses_before_any_model_library_is_imported(override, tmp_path):
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("flowrl train: "), r.stderr
     assert "HEAVY []" in r.stdout
     assert not (tmp_path / "r").exists()
+
+
+def test_a_mapping_setting_is_the_files_own_not_merged_with_the_defaults(tmp_path):
+    """A real-model config names its rewards: the default digits reward must not join them (it did: every SD3 /
+    FLUX / Wan run was also trained on the digits classifier), and a loss receives only the parameters its
+    config gives."""
+    cfg = load(TrainConfig, ROOT / "configs/sd3/flow_grpo_pickscore.yaml")
+    assert set(cfg.flow.rewards) == {"pickscore"}
+    cfg = load(TrainConfig, ROOT / "configs/flux/dance_grpo_hps.yaml")
+    assert "digits" not in cfg.flow.rewards
+    p = tmp_path / "c.yaml"
+    p.write_text("algorithm: llm_grpo\nloss: {name: ppo_clip, params: {eps_low: 0.3}}\nllm: {model: arithmetic}\n")
+    cfg = load(TrainConfig, p)
+    assert cfg.loss.params == {"eps_low": 0.3}
+    assert cfg.loss.name == "ppo_clip" and cfg.loss.agg == "token_mean"  # sections still merge key by key
+    assert cfg.optim.lr == TrainConfig().optim.lr
