@@ -3,11 +3,11 @@ field set, and loop helpers written from the papers' formulas (plain Python, flo
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 
 import torch
 
 from flowrl.core import TrajectoryBatch
+from reference import group_advantages, group_outcomes
 
 NAN = float("nan")
 
@@ -20,12 +20,7 @@ def make_batch(gen, *, sizes=(1, 1, 2, 3, 4, 5, 7), T=12, S=4, invalid=True, emp
         gid = 1_000_003 * (k + 3) + 11
         kind = outcome_kind or ("equal", "binary", "normal")[k % 3]
         group += [gid] * n
-        if kind == "equal":
-            outcome += [float(torch.randn(1, generator=gen))] * n
-        elif kind == "binary":
-            outcome += (torch.rand(n, generator=gen) < 0.5).float().tolist()
-        else:
-            outcome += torch.randn(n, generator=gen).tolist()
+        outcome += group_outcomes(gen, kind, n)
     B = len(group)
     perm = torch.randperm(B, generator=gen)
     group = torch.tensor(group)[perm]
@@ -97,25 +92,8 @@ def zscore(x, xs, eps):
 
 
 def grpo_ref(b, eps=1e-4, baseline="mean", scale="group"):
-    valid = valid_of(b)
-    g = b.group.tolist()
-    r = b.outcome.tolist()
-    members = defaultdict(list)
-    for i in range(b.batch_size):
-        if valid[i]:
-            members[g[i]].append(r[i])
-    out = []
-    for i in range(b.batch_size):
-        xs = members[g[i]]
-        if not valid[i] or len(xs) < 2 or max(xs) == min(xs):
-            out.append(0.0)
-            continue
-        base = mean(xs) if baseline == "mean" else (sum(xs) - r[i]) / (len(xs) - 1)
-        a = r[i] - base
-        if scale == "group":
-            a /= std(xs) + eps
-        out.append(a)
-    return out
+    """Per-sample GRPO / RLOO advantages of batch ``b`` (the loop reference of tests/reference.py)."""
+    return group_advantages(b.outcome.tolist(), b.group.tolist(), valid_of(b), baseline=baseline, scale=scale, eps=eps)
 
 
 def discount(rs, gamma):

@@ -19,6 +19,15 @@ NAN = float("nan")
 
 
 # ----------------------------------------------------------------------------- random batches
+def group_outcomes(gen: torch.Generator, kind: str, n: int) -> list[float]:
+    """Outcomes of one group of ``n`` samples: all ``equal``, ``binary`` (0/1) or ``normal``."""
+    if kind == "equal":
+        return [float(torch.randn(1, generator=gen))] * n
+    if kind == "binary":
+        return (torch.rand(n, generator=gen) < 0.5).float().tolist()
+    return torch.randn(n, generator=gen).tolist()
+
+
 def make_batch(
     gen: torch.Generator,
     *,
@@ -46,12 +55,7 @@ def make_batch(
         kind = ("equal", "binary", "normal")[k % 3]
         for _ in range(n):
             group.append(gid)
-        if kind == "equal":
-            outcome += [float(torch.randn(1, generator=gen))] * n
-        elif kind == "binary":
-            outcome += (torch.rand(n, generator=gen) < 0.5).float().tolist()
-        else:
-            outcome += torch.randn(n, generator=gen).tolist()
+        outcome += group_outcomes(gen, kind, n)
         for j, p in enumerate(parts):
             if (k + j) % 3 == 0:  # an all-equal part in this group
                 part_vals[p] += [float(j)] * n

@@ -106,6 +106,17 @@ def check_finite_on(values: Tensor, where: Tensor, name: str, what: str) -> None
                          "every present step needs a finite value here")
 
 
+def present_step_values(batch: TrajectoryBatch, name: str, what: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The per-step values an estimator reads (``batch.step_reward`` as float32 [B, S]), the last step of each
+    trajectory (long [B], ``last_step``) and the present steps (bool [B, S], ``present_steps``); a value that is
+    not finite on a present step raises, naming ``name`` and ``what`` the values mean."""
+    values = require_step_reward(batch, name)
+    last = last_step(batch)
+    present = present_steps(batch, values.shape[1], last)
+    check_finite_on(values, present, name, what)
+    return values, last, present
+
+
 def discount_steps(r: Tensor, present: Tensor, gamma: float) -> Tensor:
     """G_k = sum_{k' >= k, present} gamma^{k' - k} r_{k'} over steps, float [B, S]; 0 on absent steps.
 

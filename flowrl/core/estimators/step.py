@@ -17,7 +17,7 @@ from ..advantages import register_advantage
 from ..batch import TrajectoryBatch, gather_steps
 from ..groups import group_advantages, group_step_stats
 from .common import (
-    check_finite_on, discount_steps, f32_zero, last_step, norm_group_pooled, norm_group_step, present_steps,
+    discount_steps, f32_zero, last_step, norm_group_pooled, norm_group_step, present_step_values, present_steps,
     require_step_reward, step_token_counts, to_actions,
 )
 
@@ -214,11 +214,8 @@ def igpo(batch: TrajectoryBatch, *, gamma: float = 1.0, eps: float = 1e-4) -> Te
 
     Returns float [B, T].
     """
-    p = require_step_reward(batch, "igpo")
+    p, last, present = present_step_values(batch, "igpo", "batch.step_reward (p_k)")
     S = p.shape[1]
-    last = last_step(batch)
-    present = present_steps(batch, S, last)
-    check_finite_on(p, present, "igpo", "batch.step_reward (p_k)")
     k = torch.arange(S, device=batch.device)[None, :]
     nxt = torch.cat([p[:, 1:], torch.zeros_like(p[:, :1])], dim=1)
     out = torch.where(batch.valid, batch.outcome.to(torch.float32), f32_zero(batch.device))[:, None]
@@ -250,11 +247,8 @@ def spae(
 
     Returns float [B, T].
     """
-    phi = require_step_reward(batch, "spae")
+    phi, last, present = present_step_values(batch, "spae", "batch.step_reward (Phi_k)")
     S = phi.shape[1]
-    last = last_step(batch)
-    present = present_steps(batch, S, last)
-    check_finite_on(phi, present, "spae", "batch.step_reward (Phi_k)")
     zero = f32_zero(batch.device)
     phi0 = torch.where(present, phi, zero)
     k = torch.arange(S, device=batch.device)[None, :]
