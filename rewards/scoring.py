@@ -21,6 +21,14 @@ class ScorerError(RuntimeError):
     """A per-sample scorer raised in its worker, or the worker died."""
 
 
+class ScorerInputError(ScorerError, ValueError):
+    """A per-sample scorer refused its input (it raised ValueError, TypeError, KeyError or IndexError): the
+    sample's fault, not the scorer's (the reward server answers 422, not a retryable 500)."""
+
+
+_INPUT_FAULTS = ("ValueError", "TypeError", "KeyError", "IndexError", "UnicodeError")
+
+
 def check_timeout(timeout_s: Any, who: str) -> float:
     """``timeout_s`` as a float; anything but a finite number > 0 raises ValueError naming ``who``."""
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not (
@@ -90,7 +98,8 @@ class DeadlineScorer:
         if single:
             for i, o in zip(single, pool.map(fn, [items[i] for i in single], timeout_s=self.timeout_s)):
                 if not o.ok and not o.timed_out:
-                    raise ScorerError(f"{self.who}: sample {i}: {o.error}")
+                    kind = ScorerInputError if str(o.error).split(":", 1)[0] in _INPUT_FAULTS else ScorerError
+                    raise kind(f"{self.who}: sample {i}: {o.error}")
                 values[i], late[i] = (o.value if o.ok else None), bool(o.timed_out)
         return values, late
 

@@ -70,7 +70,7 @@ from .wire import (  # noqa: F401  (encoders re-exported: the client and older c
 
 LOOPBACK_NAMES = ("localhost",)
 MAX_META_DEPTH = 32
-INPUT_ERRORS = ("ValueError", "TypeError", "IndexError", "KeyError", "UnicodeError", "RequestError")
+INPUT_ERRORS = ("ValueError", "TypeError", "IndexError", "KeyError", "UnicodeError", "RequestError", "ScorerInputError")
 
 
 def is_loopback(host: str) -> bool:
@@ -136,7 +136,8 @@ _WORKER: dict = {}
 
 def _build_in_worker(kind: str, payload: Any) -> None:
     """Initializer of each scoring worker: build the rewards from their config (or take the given object)."""
-    from .base import CombinedReward, build_rewards
+    from .base import CombinedReward
+    from .build import build_rewards
 
     if kind == "spec":
         _WORKER["combined"] = build_rewards(payload)

@@ -295,3 +295,27 @@ def test_arithmetic_answer_of_many_digits_is_wrong_not_an_error():
     parts = r(["7+5+0=12\n4+8+1=13\n3+9+1=13\nA:" + "1" * 5000, "7+5+0=12\n4+8+1=13\n3+9+1=13\nA:1332"],
               ["Q:347+985\n"] * 2)
     assert parts["arithmetic"].tolist() == [0.0, 1.0]
+
+
+def test_a_scorer_that_refuses_its_input_is_the_samples_fault_not_the_servers():
+    """A scorer's ValueError (a malformed answer or entry) is a ScorerInputError, which the reward server answers
+    with 422 (not retried); any other failure stays a plain ScorerError (500, retried)."""
+    import time
+
+    from flowrl.rewards.scoring import DeadlineScorer, ScorerError, ScorerInputError
+    from flowrl.rewards.server import INPUT_ERRORS
+
+    s = DeadlineScorer("test", timeout_s=5.0)
+    try:
+        with pytest.raises(ScorerInputError, match="sample 1: ValueError"):
+            s.map(time.sleep, [0.0, -1.0])
+        with pytest.raises(ScorerError) as e:
+            s.map(_raise_runtime, [0])
+        assert not isinstance(e.value, ValueError)
+    finally:
+        s.close()
+    assert "ScorerInputError" in INPUT_ERRORS
+
+
+def _raise_runtime(_):
+    raise RuntimeError("a scorer bug")
