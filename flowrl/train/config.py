@@ -75,11 +75,17 @@ class EvalConfig:
     num_per_prompt: int = field(20, help="evaluation samples per evaluation prompt")
     seed: int = field(1234, help="seed of the evaluation noise (fixed across evaluations)")
     grid_per_prompt: int = field(8, help="samples per prompt in the PNG grid")
+    grid_min_px: int = field(64, help="each grid sample is upscaled (nearest, integer factor) to at least this many pixels")
+    video_fps: float = field(8.0, help="frame rate of the animated GIF of video samples")
+    table_rows: int = field(16, help="LLM: completions (prompt, completion, reward) in the table sent to the trackers")
 
     def __post_init__(self):
         check(self.every >= 1, f"every={self.every}: evaluate every this many iterations; must be >= 1")
         check(self.num_per_prompt >= 1, f"num_per_prompt={self.num_per_prompt}: must be >= 1")
         check(self.grid_per_prompt >= 1, f"grid_per_prompt={self.grid_per_prompt}: must be >= 1")
+        check(1 <= self.grid_min_px <= 4096, f"grid_min_px={self.grid_min_px}: must be in [1, 4096]")
+        check(finite(self.video_fps) and self.video_fps > 0, f"video_fps={self.video_fps}: must be finite and > 0")
+        check(self.table_rows >= 0, f"table_rows={self.table_rows}: must be >= 0 (0: no table)")
 
 
 @dataclass
@@ -275,7 +281,12 @@ class TrainConfig:
     max_minutes: float = field(0.0, help="stop after this many minutes of training (0: no limit)")
     save_every: int = field(10, help="checkpoint every this many iterations (and at the end)")
     progress: bool = field(True, help="show progress bars")
-    trackers: list[str] = field(default_factory=lambda: ["tensorboard"], help="accelerate trackers (tensorboard, wandb)")
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"], help="accelerate trackers (tensorboard, wandb, "
+                                "or any accelerate knows); one whose package is missing is skipped with a warning")
+    tracker_project: str = field("flowrl", help="tracker project (W&B project; TensorBoard's subfolder of the run directory)")
+    run_name: Optional[str] = field(None, help="run name shown by the trackers (None: the run directory's name)")
+    tracker_init: dict[str, dict[str, Any]] = field(default_factory=dict, help="extra init arguments per tracker, e.g. "
+                                                    "{wandb: {entity: me, tags: [digits]}} (accelerate's init_kwargs)")
     mixed_precision: Literal["no", "bf16", "fp16"] = field("no", help="accelerate mixed precision (GPU only; 'no' on CPU)")
     gradient_checkpointing: bool = field(False, help="recompute activations in the backward pass (less memory, more compute)")
     optim: OptimConfig = field(default_factory=OptimConfig, help="optimiser")
@@ -322,3 +333,21 @@ def validate_train_config(cfg: "TrainConfig") -> None:
           f"group_size={cfg.group_size}: advantage estimator {cfg.advantage.estimator!r} compares the samples of a "
           f"group, so it needs group_size >= {need} (a group of one always gets advantage 0)")
     algorithm.validate_config(cfg)
+    check_trackers(cfg)
+
+
+def check_trackers(cfg: "TrainConfig") -> None:
+    """Tracker names that accelerate knows (after plug-ins, which may register their own), a non-empty project
+    and run name, and init arguments only for requested trackers."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    known = sorted(LOGGER_TYPE_TO_CLASS)
+    for t in cfg.trackers:
+        check(t in LOGGER_TYPE_TO_CLASS, f"trackers: {t!r} is not a tracker accelerate knows; valid: {known}")
+    check(len(set(cfg.trackers)) == len(cfg.trackers), f"trackers={cfg.trackers}: a tracker is named twice")
+    check(bool(cfg.tracker_project.strip()), "tracker_project: must be a non-empty name")
+    check(cfg.run_name is None or bool(cfg.run_name.strip()), "run_name: must be a non-empty name (or null: the run directory's name)")
+    for t, kw in cfg.tracker_init.items():
+        check(t in cfg.trackers, f"tracker_init.{t}: {t!r} is not in trackers={cfg.trackers}; give init arguments "
+                                 "only for requested trackers")
+        check(isinstance(kw, dict), f"tracker_init.{t}: must be a mapping of init arguments; got {kw!r}")
