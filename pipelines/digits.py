@@ -200,8 +200,8 @@ def _read(name: str, directory: Optional[str | os.PathLike]) -> tuple[dict[str, 
 
 class DigitsPipeline(SD3Pipeline):
     """The digits flow model: an :class:`SD3Pipeline` in pixel space whose conditioning also holds ``digit``
-    long [B] (parsed from the prompts, for the process reward), with the two optional abilities of the protocol
-    (``flowrl.flow.pipeline.PromptDefaults`` and ``OwnEvaluation``)."""
+    long [B] (parsed from the prompts, for the process reward), with the three optional abilities of the protocol
+    (``flowrl.flow.pipeline.PromptDefaults``, ``OwnEvaluation`` and ``OwnReport``)."""
 
     def default_prompts(self) -> list[str]:
         """The ten prompts "a handwritten digit 0" .. "a handwritten digit 9"."""
@@ -213,6 +213,12 @@ class DigitsPipeline(SD3Pipeline):
         m = evaluate_digits(self, num_per_digit=num_per_prompt, seed=seed, guidance=guidance, **sample_options)
         m["reward"] = m["reward_prob"]
         return m
+
+    def report_plan(self) -> dict[str, list[str]]:
+        """What the run's report shows and checks from :meth:`evaluate`'s metrics: the judge against the reward
+        classifier, realism, diversity and the demo's bar (check names of ``flowrl.train.report``)."""
+        return {"metrics": ["reward", "accuracy", "reward_accuracy", "reward_prob", "realism", "diversity"],
+                "checks": ["judge_agreement", "realism", "diversity", "digits_demo_bar"]}
 
 
 @register_pipeline("digits", family="flow")

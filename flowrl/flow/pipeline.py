@@ -4,9 +4,9 @@ The sampler, the guidance and the trainer only ever talk to a model through this
 flow side of flowrl knows no diffusers class. Adapters live in ``pipelines/`` (``flowrl.pipelines``), where
 ``FlowAdapterBase`` implements the training half for any adapter whose network is one ``transformer`` module.
 
-Two optional abilities are detected through their own protocols (``isinstance``), never by a model's name:
-``PromptDefaults`` (a default training prompt set) and ``OwnEvaluation`` (a model-specific fixed evaluation,
-e.g. the digits model's judge and realism scores).
+Optional abilities are detected through their own protocols (``isinstance``), never by a model's name:
+``PromptDefaults`` (a default training prompt set), ``OwnEvaluation`` (a model-specific fixed evaluation,
+e.g. the digits model's judge and realism scores) and ``OwnReport`` (what the report checks from it).
 
 Conventions (shared with ``flowrl.flow.sde``): sigma runs from 1 (noise) to 0 (data);
 x_sigma = (1 - sigma) * x0 + sigma * eps; the model predicts v ~= eps - x0.
@@ -117,6 +117,17 @@ class OwnEvaluation(Protocol):
     """
 
     def evaluate(self, *, num_per_prompt: int, seed: int, guidance: Any = None, **sample_options: Any) -> dict[str, float]: ...
+
+
+@runtime_checkable
+class OwnReport(Protocol):
+    """Optional: what the run's report shows and checks from the adapter's own evaluation metrics.
+
+    ``report_plan()`` returns ``{"metrics": [metric names, in the order shown and plotted], "checks": [names of
+    checks registered in flowrl.train.report.REPORT_CHECKS]}`` (the digits model: judge, realism, diversity).
+    """
+
+    def report_plan(self) -> dict[str, list[str]]: ...
 
 
 def cond_select(cond: Cond, index: Tensor) -> Cond:

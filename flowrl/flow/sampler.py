@@ -16,8 +16,9 @@ Contents:
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -28,6 +29,25 @@ from flowrl.flow.pipeline import Cond, FlowPipeline, cond_repeat, cond_select
 from flowrl.flow.sde import KINDS, LOGP_REDUCTIONS, SDEStep, check_noise_level, noise_scale, sde_step
 
 Window = Union[None, tuple[int, int], Sequence[bool], Tensor]
+
+# What ``progress=None`` means: off, unless a caller up the stack (the trainer's evaluation, which reaches the
+# sampler through an adapter's own evaluation code) turned bars on with :func:`progress_bars`.
+_PROGRESS_DEFAULT = [False]
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """Within the block, sampler calls that leave ``progress`` as None show (or hide) their tqdm bar."""
+    old = _PROGRESS_DEFAULT[0]
+    _PROGRESS_DEFAULT[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _PROGRESS_DEFAULT[0] = old
+
+
+def _show(progress: Optional[bool]) -> bool:
+    return _PROGRESS_DEFAULT[0] if progress is None else bool(progress)
 
 
 @dataclass
@@ -158,7 +178,7 @@ def rollout(
     decode: bool = True,
     sigmas: Optional[Tensor] = None,
     cond: Optional[Cond] = None,
-    progress: bool = False,
+    progress: Optional[bool] = None,
     noise: Optional[Tensor] = None,
 ) -> FlowTrajectory:
     """Sample B = len(prompts) * samples_per_prompt trajectories, recording each step's action and log-prob.
@@ -178,7 +198,8 @@ def rollout(
     logp_reduce: "mean" or "sum" over the latent's elements (see ``sde_step``).
     decode: decode the final latents with pipeline.decode. sigmas: float [K+1] schedule overriding
         pipeline.sigmas(num_steps). cond: conditioning already encoded for the P prompts (with the CFG
-        branch when cfg_scale is set) instead of pipeline.encode_prompts. progress: show a tqdm bar.
+        branch when cfg_scale is set) instead of pipeline.encode_prompts. progress: show a tqdm bar (None: as
+        :func:`progress_bars` set it, off by default).
     noise: pre-drawn noise [B, K+1, ...] instead of the generator: noise[:, 0] is the initial noise and
         noise[:, k+1] the SDE noise of step k. The trainer draws it for the global batch and hands each rank
         its rows, so a run on R ranks samples exactly what one process samples.
@@ -239,7 +260,7 @@ def rollout(
     drifts: list[Optional[Tensor]] = [None] * num_steps
     prm = torch.full((B, num_steps), float("nan"), device=device, dtype=torch.float32) if guidance else None
 
-    for k in tqdm(range(num_steps), disable=not progress, desc="sampling", leave=False):
+    for k in tqdm(range(num_steps), disable=not _show(progress), desc="sampling", leave=False):
         s = sig[k].expand(B)
         sn = sig[k + 1].expand(B)
         step_kind = kind if bool(sde_mask[k]) else "ode"
@@ -303,7 +324,7 @@ def ode_complete(
     start: int,
     cfg_scale: Optional[float] = None,
     decode: bool = False,
-    progress: bool = False,
+    progress: Optional[bool] = None,
 ) -> Tensor:
     """Finish a trajectory with the ODE from step ``start``: x at sigmas[start] -> x at sigmas[-1] (0).
 
@@ -318,7 +339,7 @@ def ode_complete(
     B = x.shape[0]
     sig = sigmas.to(device=x.device, dtype=torch.float32)
     with torch.no_grad():
-        for k in tqdm(range(start, K), disable=not progress, desc="ode completion", leave=False):
+        for k in tqdm(range(start, K), disable=not _show(progress), desc="ode completion", leave=False):
             s, sn = sig[k].expand(B), sig[k + 1].expand(B)
             v = pipeline.velocity(x, s, cond, cfg_scale=cfg_scale)
             x = sde_step("ode", x, v, s, sn).prev_sample
@@ -332,7 +353,7 @@ def complete_with_ode(
     *,
     index: Optional[Tensor] = None,
     decode: bool = True,
-    progress: bool = False,
+    progress: Optional[bool] = None,
 ) -> Tensor:
     """ODE completion of ``trajectory`` from latents[:, step] (the state after step - 1) to sigma 0.
 

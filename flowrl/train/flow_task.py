@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from flowrl.core import TrajectoryBatch
 from flowrl.core.dtypes import torch_dtype
 from flowrl.flow.guidance import Guidance
-from flowrl.flow.pipeline import OwnEvaluation, PromptDefaults, cond_select
+from flowrl.flow.pipeline import OwnEvaluation, OwnReport, PromptDefaults, cond_select
+from flowrl.flow.sampler import progress_bars
 from flowrl.flow.sampler import rollout as flow_rollout
 from flowrl.pipelines.registry import load_pipeline
 from flowrl.train.config import TrainConfig
@@ -58,6 +59,7 @@ class FlowTask(TaskBase):
                              f"{getattr(algorithm, 'family', None)!r}); FlowTask runs subclasses of FlowAlgorithm")
         algorithm.validate_config(cfg)
         self.cfg, self.fc, self.acc, self.algorithm = cfg, cfg.flow, accelerator, algorithm
+        self.show_progress = bool(cfg.progress and accelerator.is_main_process)
         B = cfg.prompts_per_iter * cfg.group_size
         if B % self.world:
             raise ValueError(f"prompts_per_iter * group_size = {B} must be divisible by the number of processes {self.world}")
@@ -141,7 +143,7 @@ class FlowTask(TaskBase):
         sde_window = tuple(fc.sde_window) if fc.sde_window else None
         traj = flow_rollout(self.pipe, local_prompts, num_steps=K, kind=fc.kind, noise_level=fc.noise_level,
                             cfg_scale=fc.cfg_scale, sde_window=sde_window, guidance=self.guidance, cond=cond,
-                            noise=noise[rows.to(noise.device)], generator=generator, progress=False)
+                            noise=noise[rows.to(noise.device)], generator=generator, progress=self.show_progress)
         outcome, parts, valid, metrics = self.reward.score(traj.samples, local_prompts)
         metrics = dict(metrics)
         metrics["reward"] = float(outcome[valid].mean()) if bool(valid.any()) else float("nan")
@@ -172,18 +174,20 @@ class FlowTask(TaskBase):
     def evaluate(self, step: int, out_dir: Path) -> dict[str, float]:
         """The adapter's own evaluation (``OwnEvaluation``) or the run's rewards on samples of the evaluation
         prompts; with ``flow.guidance.eval_guided`` also guided (``guided/*``, the headline ``reward`` stays the
-        unguided one). Writes the sample grid of ``step`` on the main process."""
+        unguided one). Writes the labelled sample grid of ``step`` (and an animated GIF for video) on the main
+        process and sends the grid to the trackers."""
         fc, ec = self.fc, self.cfg.eval
         self.module.eval()
         try:
             kw = dict(num_steps=fc.eval_num_steps or fc.num_steps, kind=fc.kind, noise_level=fc.noise_level,
                       cfg_scale=fc.cfg_scale)
-            m = self._evaluate(ec.num_per_prompt, ec.seed, None, kw)
-            if self.guidance is not None and fc.guidance.eval_guided:
-                g = self._evaluate(ec.num_per_prompt, ec.seed, self.guidance, kw)
-                m.update({f"guided/{k}": v for k, v in g.items() if k != "reward"})
-            if self.acc.is_main_process:
-                self._save_grid(step, out_dir, kw)
+            with progress_bars(self.show_progress):
+                m = self._evaluate(ec.num_per_prompt, ec.seed, None, kw)
+                if self.guidance is not None and fc.guidance.eval_guided:
+                    g = self._evaluate(ec.num_per_prompt, ec.seed, self.guidance, kw)
+                    m.update({f"guided/{k}": v for k, v in g.items() if k != "reward"})
+                if self.acc.is_main_process:
+                    self._save_grid(step, out_dir, kw)
         finally:
             self.module.train()
         return m
@@ -201,17 +205,38 @@ class FlowTask(TaskBase):
         return out
 
     def _save_grid(self, step: int, out_dir: Path, kw: dict) -> None:
-        from torchvision.utils import save_image
-
+        """``samples/step_<step>.png``: ``eval.grid_per_prompt`` samples of each evaluation prompt (fixed seed),
+        each upscaled to at least ``eval.grid_min_px`` pixels and captioned with its reward under the run's
+        rewards; video adds ``samples/step_<step>.gif`` (the grid of middle frames is the PNG)."""
         from flowrl.flow.sampler import sample
+        from flowrl.train import visuals
 
-        n = self.cfg.eval.grid_per_prompt
-        imgs = sample(self.pipe, self.eval_prompts, samples_per_prompt=n, seed=self.cfg.eval.seed, **kw)
-        if imgs.dim() == 5:  # video [B, F, C, H, W]: the middle frame
+        ec = self.cfg.eval
+        n = ec.grid_per_prompt
+        imgs = sample(self.pipe, self.eval_prompts, samples_per_prompt=n, seed=ec.seed, **kw)
+        prompts = [p for p in self.eval_prompts for _ in range(n)]
+        outcome, _, valid, _ = self.reward.score(imgs, prompts)
+        rewards = torch.where(valid.to(outcome.device), outcome.float(), torch.full_like(outcome.float(), float("nan")))
+        captions = visuals.reward_captions(rewards, len(prompts))
+        d = out_dir / "samples"
+        d.mkdir(parents=True, exist_ok=True)
+        grid_kw = dict(prompts=self.eval_prompts, captions=captions, per_row=n, min_px=ec.grid_min_px)
+        if imgs.dim() == 5:  # video [B, F, C, H, W]: the animation, and the middle frames as the still grid
+            visuals.save_animation(imgs, d / f"step_{step:05d}.gif", fps=ec.video_fps, **grid_kw)
             imgs = imgs[:, imgs.shape[1] // 2]
-        (out_dir / "samples").mkdir(parents=True, exist_ok=True)
-        save_image(imgs.float().cpu(), out_dir / "samples" / f"step_{step:05d}.png", nrow=n, padding=1,
-                   pad_value=0.5)
+        grid = visuals.labelled_grid(imgs, **grid_kw)
+        grid.save(d / f"step_{step:05d}.png")
+        visuals.log_image(self.acc, "eval/samples", grid, step)
+
+    def report_plan(self):
+        """What the report shows and checks: the adapter's own plan (``OwnReport``), else the run's reward
+        and its parts with no verdict (nothing independent of the reward is measured)."""
+        from flowrl.train.report import ReportPlan
+
+        if isinstance(self.pipe, OwnReport):
+            return ReportPlan.from_dict(self.pipe.report_plan(), source=f"the {self.fc.model!r} adapter's evaluation")
+        return ReportPlan(metrics=("reward", *self.reward.weights), checks=("reward_change",),
+                          source="the flow task (the run's own rewards)")
 
     def export(self, out_dir: Path) -> None:
         """The trained weights: ``lora/`` in diffusers' format under LoRA, else ``model.safetensors``."""

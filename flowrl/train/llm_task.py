@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from flowrl.core import (
     TrajectoryBatch, importance_weights, kl_estimate, masked_mean, soft_overlong_penalty, zero_variance_filter,
@@ -86,6 +87,7 @@ class LLMTask(TaskBase):
             algorithm = cls(cfg)
         type(algorithm).validate_config(cfg)
         self.cfg, self.lc, self.acc, self.algorithm = cfg, cfg.llm, accelerator, algorithm
+        self.show_progress = bool(cfg.progress and accelerator.is_main_process)
         P, G = cfg.prompts_per_iter, cfg.group_size
         if (P * G) % self.world:
             raise ValueError(f"prompts_per_iter * group_size = {P * G} must be divisible by the number of processes "
@@ -151,7 +153,8 @@ class LLMTask(TaskBase):
         """Sample and score dataset rows ``rows`` in chunks of ``chunk`` rows; chunk k is seeded from
         ``(seed, it, chunk_ids[k], salt)``."""
         lc, pieces = self.lc, []
-        for k, start in enumerate(range(0, len(rows), chunk)):
+        starts = range(0, len(rows), chunk)
+        for k, start in enumerate(tqdm(starts, desc="rollout", leave=False, disable=not self.show_progress)):
             sub = rows[start:start + chunk]
             data = [self.train_rows[i] for i in sub]
             prompts = [d["prompt"] for d in data]
@@ -321,7 +324,8 @@ class LLMTask(TaskBase):
         ``reward``, and for the arithmetic verifier ``miracle_rate``, ``all_steps_correct``, ``step_accuracy``."""
         lc = self.lc
         texts, parts_all, outs = [], [], []
-        for i in range(0, len(self.eval_rows), 100):  # eval batches
+        batches = range(0, len(self.eval_rows), 100)
+        for i in tqdm(batches, desc="eval", leave=False, disable=not self.show_progress):  # eval batches
             data = self.eval_rows[i:i + 100]
             prompts = [d["prompt"] for d in data]
             g = self.pipe.generate(prompts, max_new_tokens=lc.max_new_tokens, temperature=0.0)
@@ -340,11 +344,32 @@ class LLMTask(TaskBase):
                 x = parts[key]
                 m[name] = float(x[torch.isfinite(x)].mean()) if bool(torch.isfinite(x).any()) else float("nan")
         if self.acc.is_main_process:
-            d = out_dir / "samples"
-            d.mkdir(parents=True, exist_ok=True)
-            lines = [f"{self.eval_rows[i]['prompt']!r} -> {texts[i]!r}" for i in range(min(8, len(texts)))]
-            (d / f"step_{step:05d}.txt").write_text("\n".join(lines) + "\n")
+            self._save_completions(step, out_dir, texts, torch.cat(outs), score >= lc.correct_threshold)
         return m
+
+    def _save_completions(self, step: int, out_dir: Path, texts: list[str], reward: Tensor, correct: Tensor) -> None:
+        """``samples/step_<step>.jsonl`` (every held-out completion: prompt, completion, reward, correct), the
+        first 8 as ``.txt``, and the first ``eval.table_rows`` as a table to the trackers."""
+        from flowrl.train import visuals
+
+        d = out_dir / "samples"
+        d.mkdir(parents=True, exist_ok=True)
+        cols = ["prompt", "completion", "reward", "correct"]
+        rows = [[self.eval_rows[i]["prompt"], texts[i], float(reward[i]), bool(correct[i])] for i in range(len(texts))]
+        visuals.write_table(d / f"step_{step:05d}.jsonl", cols, rows)
+        lines = [f"{r[0]!r} -> {r[1]!r}" for r in rows[:8]]
+        (d / f"step_{step:05d}.txt").write_text("\n".join(lines) + "\n")
+        if self.cfg.eval.table_rows:
+            visuals.log_table(self.acc, "eval/completions", cols, rows[:self.cfg.eval.table_rows], step)
+
+    def report_plan(self):
+        """The report of an LLM run: held-out accuracy against the reward, miracle steps and all-steps-correct
+        (the last two where the verifier scores steps, e.g. arithmetic); no judge or realism."""
+        from flowrl.train.report import ReportPlan
+
+        return ReportPlan(metrics=("reward", "accuracy", "miracle_rate", "all_steps_correct", "step_accuracy"),
+                          checks=("accuracy", "miracle_steps", "all_steps_correct"),
+                          source="the LLM task (greedy decoding of the held-out set)")
 
     def export(self, out_dir: Path) -> None:
         self.pipe.export(out_dir)

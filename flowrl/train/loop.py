@@ -37,7 +37,8 @@ from flowrl.train.metrics_log import MetricsLogger, plot_curves
 from flowrl.train.task import Task, iteration_generator
 
 # Keys that may change between a run and its resume (they do not change what an iteration computes).
-RESUMABLE_KEYS = ("iterations", "max_minutes", "progress", "save_every", "trackers")
+RESUMABLE_KEYS = ("iterations", "max_minutes", "progress", "save_every", "trackers", "tracker_project", "run_name",
+                  "tracker_init")
 
 
 class TrainingDiverged(RuntimeError):
@@ -79,21 +80,53 @@ def check_run_dir(out_dir: Path, cfg: TrainConfig, resume: bool) -> tuple[str, O
 
 
 def make_accelerator(cfg: TrainConfig, out_dir: Path):
+    """An Accelerator logging to ``cfg.trackers`` that are installed (a missing one is named in a warning), with
+    the tracker project, the run name (default: the run directory's name) and the per-tracker init arguments."""
     from accelerate import Accelerator
 
     cpu = not torch.cuda.is_available()
-    trackers = [t for t in cfg.trackers if t != "wandb" or _has("wandb")]
+    trackers = available_trackers(cfg.trackers)
     acc = Accelerator(cpu=cpu, mixed_precision="no" if cpu else cfg.mixed_precision,
                       log_with=trackers or None, project_dir=str(out_dir))
     if trackers:
-        acc.init_trackers("flowrl", config=_flat(to_dict(cfg)))
+        acc.init_trackers(cfg.tracker_project, config=_flat(to_dict(cfg)),
+                          init_kwargs=tracker_init_kwargs(cfg, trackers, out_dir))
     return acc
 
 
-def _has(mod: str) -> bool:
-    import importlib.util
+def available_trackers(requested: list[str]) -> list[str]:
+    """The requested trackers whose package is installed; each missing one is named in a warning (the run goes
+    on logging to ``metrics.jsonl`` and the others)."""
+    import warnings
 
-    return importlib.util.find_spec(mod) is not None
+    from accelerate import tracking
+    from accelerate.utils import LoggerType
+
+    have = {str(t) for t in tracking.get_available_trackers()}
+    out = []
+    for t in requested:
+        builtin = t in {str(x) for x in LoggerType}
+        if builtin and t not in have:
+            warnings.warn(f"trackers: {t!r} was requested but its package is not installed, so this run sends it "
+                          f"nothing (install it, e.g. `pip install {t}`, or remove it from trackers); metrics.jsonl "
+                          "and the other trackers still get everything", RuntimeWarning, stacklevel=2)
+        elif builtin or t in tracking.LOGGER_TYPE_TO_CLASS:
+            out.append(t)
+    return out
+
+
+def tracker_init_kwargs(cfg: TrainConfig, trackers: list[str], out_dir: Path) -> dict[str, dict]:
+    """accelerate's ``init_kwargs``: ``cfg.tracker_init`` per tracker, with the run name for W&B (``name``)."""
+    run_name = cfg.run_name or Path(out_dir).resolve().name
+    kw = {t: dict(cfg.tracker_init.get(t, {})) for t in trackers}
+    for t, v in kw.items():
+        if t in RUN_NAME_ARG:
+            v.setdefault(RUN_NAME_ARG[t], run_name)
+    return {t: v for t, v in kw.items() if v}
+
+
+# the init argument that names a run, per tracker (TensorBoard: the run directory is the name)
+RUN_NAME_ARG = {"wandb": "name", "trackio": "name", "mlflow": "run_name", "swanlab": "experiment_name"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -133,6 +166,11 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, task: 
 
             build_task = ALGORITHMS[cfg.algorithm].build_task
         task = build_task(cfg, acc)
+    plan = task.report_plan() if hasattr(task, "report_plan") else None
+    if main and plan is not None:
+        from flowrl.train.report import save_plan
+
+        save_plan(out_dir, plan)
     params = [p for p in task.module.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the task's module has no trainable parameter")
@@ -229,10 +267,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, task: 
     bar.close()
     if main:
         task.export(out_dir)
-        plot_curves(out_dir, keys=_curve_keys(out_dir))
+        plot_curves(out_dir, keys=_curve_keys(out_dir, plan))
         from flowrl.train.report import write_report
 
-        write_report(out_dir)
+        write_report(out_dir, plan=plan)
     acc.wait_for_everyone()
     acc.end_training()
     return last_eval
@@ -251,11 +289,14 @@ def _diverged(it: int, why: str, out_dir: Path) -> str:
             "Lower optim.lr, set optim.grad_clip, or check the rewards")
 
 
-def _curve_keys(out_dir: Path) -> list[str]:
+def _curve_keys(out_dir: Path, plan: Any = None) -> list[str]:
+    """The panels of ``curves.png``: the metrics the task's report plan shows that were logged (evaluation or
+    training), else reward / accuracy / reward_accuracy / realism / diversity where logged."""
     from flowrl.train.metrics_log import read_metrics
 
-    rows = read_metrics(out_dir, split="eval")
-    keys = [k for k in ("reward", "accuracy", "reward_accuracy", "realism") if any(k in r for r in rows)]
+    rows = read_metrics(out_dir)
+    wanted = plan.metrics if plan is not None else ("reward", "accuracy", "reward_accuracy", "realism", "diversity")
+    keys = [k for k in wanted if any(isinstance(r.get(k), (int, float)) for r in rows)]
     return keys or ["reward"]
 
 

@@ -68,29 +68,50 @@ class MetricsLogger:
         return row
 
 
-def plot_curves(out_dir: str | Path, keys: Iterable[str] = ("reward", "accuracy"), path: Optional[str | Path] = None) -> Path:
-    """PNG of train and eval curves of ``keys`` against step (one panel per key)."""
+PANELS_KEY = "flowrl:panels"  # PNG text chunk of curves.png: the plotted keys, comma-separated
+
+
+def plot_curves(out_dir: str | Path, keys: Iterable[str] = ("reward", "accuracy"), path: Optional[str | Path] = None,
+                per_row: int = 3) -> Path:
+    """PNG of train and eval curves of ``keys`` against step, one panel per key (``per_row`` panels a row). The
+    plotted keys are kept in the PNG's text chunk ``flowrl:panels`` (read back with ``curve_panels``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     keys = list(keys)
     rows = read_metrics(out_dir)
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], keys):
+    ncol = min(per_row, len(keys))
+    nrow = -(-len(keys) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.5 * ncol, 3.2 * nrow), squeeze=False)
+    flat = list(axes.flat)
+    for ax, key in zip(flat, keys):
         for split, style in (("train", "-"), ("eval", "o-")):
             pts = [(r["step"], r[key]) for r in rows if r.get("split") == split and isinstance(r.get(key), (int, float))]
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, style, label=split, ms=3)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(key)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
+    for ax in flat[len(keys):]:
+        ax.axis("off")
     fig.tight_layout()
     out = Path(path) if path else Path(out_dir) / "curves.png"
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, metadata={PANELS_KEY: ",".join(keys)})
     plt.close(fig)
     return out
+
+
+def curve_panels(path: str | Path) -> list[str]:
+    """The keys a ``curves.png`` written by :func:`plot_curves` plots, in panel order."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        text = im.text.get(PANELS_KEY, "")
+    return [k for k in text.split(",") if k]
