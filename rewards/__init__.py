@@ -1,6 +1,7 @@
 """Reward models and process reward models (import flowrl.rewards).
 
-The interface, registry and combination live in :mod:`flowrl.rewards.base`; image rewards in
+The interface, registry and combination live in :mod:`flowrl.rewards.base`; building from a config (registered
+names and references to the user's own code) in ``build`` and ``user``; image rewards in
 ``image``, video in ``video``, flow process rewards in ``flow_process``, text in ``text*``, the HTTP
 reward server in ``server`` / ``client``.
 """
@@ -14,9 +15,7 @@ from .base import (  # noqa: F401
     Reward,
     RewardError,
     TextProcessReward,
-    build_process_reward,
-    build_reward,
-    build_rewards,
     register_process_reward,
     register_reward,
 )
+from .build import build_process_reward, build_reward, build_rewards, check_reward_spec  # noqa: F401

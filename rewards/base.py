@@ -23,8 +23,9 @@ Process rewards::
 Failure policy (``on_error``): ``"raise"`` (default) lets a failure or a non-finite score raise
 :class:`RewardError` naming the reward; ``"mask"`` re-scores the batch sample by sample, puts NaN in
 every part of each sample that still fails and adds a bool part ``"<name>/valid"``. Nothing becomes a
-silent zero. :func:`build_rewards` combines several rewards with weights (``flowrl.core.weighted_sum``)
-and reports the invalid count.
+silent zero. :class:`CombinedReward` combines several rewards with weights (``flowrl.core.weighted_sum``)
+and reports the invalid count; :mod:`flowrl.rewards.build` builds rewards from a config (registered names,
+or references to the user's own functions: :mod:`flowrl.rewards.user`).
 
 Offline weights: :func:`hub_guard` turns the hub's "not cached and offline" errors (and a missing local
 path) into :class:`MissingWeightsError`, whose message names the model id and how to pass a local path.
@@ -235,7 +236,7 @@ class FunctionReward(Reward):
 
 # --------------------------------------------------------------------------------------------- registry
 # Modules of flowrl.rewards that register nothing (importing them to fill the registries is wasted work).
-_NOT_PLUGINS = ("base", "safe_eval", "scoring", "deadline", "server")
+_NOT_PLUGINS = ("base", "build", "user", "safe_eval", "scoring", "deadline", "server")
 
 
 def _load_builtin() -> dict[str, str]:
@@ -289,19 +290,6 @@ def register_process_reward(name: str):
     return deco
 
 
-def build_reward(name: str, /, **kwargs: Any) -> Reward:
-    """Build the registered outcome reward ``name`` with its options (``on_error``, model paths, ...);
-    ``kwargs["name"]`` (default: ``name``) is the key of its score part. An unknown reward raises
-    :class:`~flowrl.core.registry.UnknownNameError`, an option the reward does not take
-    :class:`~flowrl.core.registry.ParameterError` (both name the valid ones)."""
-    return REWARDS.build(name, **kwargs)
-
-
-def build_process_reward(name: str, /, **kwargs: Any):
-    """Build the registered process reward ``name`` with its options (errors as :func:`build_reward`)."""
-    return PROCESS_REWARDS.build(name, **kwargs)
-
-
 @dataclass
 class CombinedReward:
     """Several rewards with weights. ``__call__`` returns every part of every reward (the core's
@@ -347,36 +335,6 @@ class CombinedReward:
         parts = self(samples, prompts, meta)
         outcome, valid, metrics = self.combine(parts)
         return outcome, parts, valid, metrics
-
-
-def build_rewards(spec: Mapping[str, Any]) -> CombinedReward:
-    """Build several rewards from a config ``{name: {"weight": w, "type": registered_name, **kwargs}}``.
-
-    ``type`` defaults to ``name`` (give it to use one registered reward twice under two names); the
-    remaining keys are that reward's options. A reward given as a number is ``{"weight": number}``.
-    Example: ``{"pickscore": {"weight": 1.0}, "jpeg_compressibility": {"weight": 0.1, "on_error": "mask"}}``.
-    """
-    if not isinstance(spec, Mapping) or not spec:
-        raise ValueError(f"build_rewards: need a non-empty mapping {{name: {{weight: ..., options}}}}; got {spec!r}")
-    rewards: dict[str, Any] = {}
-    weights: dict[str, float] = {}
-    for key, cfg in spec.items():
-        if isinstance(cfg, (int, float)):
-            cfg = {"weight": float(cfg)}
-        if not isinstance(cfg, Mapping):
-            raise TypeError(f"build_rewards: entry {key!r} must be a mapping with 'weight' and options; got {cfg!r}")
-        cfg = dict(cfg)
-        w = cfg.pop("weight", 1.0)
-        if not isinstance(w, (int, float)) or isinstance(w, bool):
-            raise TypeError(f"build_rewards: weight of {key!r} must be a number; got {w!r}")
-        typ = cfg.pop("type", key)
-        cfg.setdefault("name", key)
-        rewards[key] = build_reward(typ, **cfg)
-        score_key = getattr(rewards[key], "name", key)  # the part a weight multiplies
-        if score_key in weights:
-            raise ValueError(f"build_rewards: two rewards score under the name {score_key!r}; give them distinct names")
-        weights[score_key] = float(w)
-    return CombinedReward(rewards, weights)
 
 
 # --------------------------------------------------------------------------------------------- offline loading

@@ -17,7 +17,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .base import Reward, RewardError, build_reward, register_process_reward, register_reward
+from .base import Reward, RewardError, register_process_reward, register_reward
+from .build import build_reward
 
 
 def _check_out(r: Any, B: int, who: str) -> Tensor:

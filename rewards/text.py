@@ -140,7 +140,7 @@ def _mv_kwargs() -> tuple[dict, dict]:
 
 
 def _mv_sample(completion: str, gold: str, answer_tag: Optional[str], require_tag: bool,
-               own_timeout_s: Optional[int] = None) -> tuple[float, float]:
+               own_timeout_s: Optional[int] = None, answer_pattern: Optional[str] = None) -> tuple[float, float]:
     """(correct, parsed) of one completion by math-verify (see :func:`math_verify_scores`).
     ``own_timeout_s``: math-verify's own (signal) timeouts, when on the main thread."""
     from math_verify import parse, verify
@@ -153,6 +153,9 @@ def _mv_sample(completion: str, gold: str, answer_tag: Optional[str], require_ta
         g = parse(f"${gold}$", **pk)
     if not g:
         return float("nan"), float("nan")
+    if answer_pattern is not None:  # the answer is where the pattern says (the last match): a tag-free format
+        found = list(re.finditer(answer_pattern, completion, re.MULTILINE))
+        completion = (found[-1].group(1) if found[-1].re.groups else found[-1].group(0)) if found else ""
     body = extract_tag(completion, answer_tag) if answer_tag else None
     tagged = body is not None
     if body is None:
@@ -200,6 +203,9 @@ class MathVerifyReward(Reward):
 
     Options: ``answer_tag`` (default ``"answer"``: read the last ``<answer>...</answer>`` block when present;
     None: the whole completion, where math-verify finds ``\\boxed{}`` or the last expression),
+    ``answer_pattern`` (a regex, ``^``/``$`` per line: the answer is its last match's group 1, or the whole match
+    without a group, read before ``answer_tag``; no match -> no answer. The embedded arithmetic format:
+    ``"^A:(-?\\d+)$"``),
     ``require_tag`` (no tag block -> 0), ``timeout_s`` (each sample's deadline in its worker process, > 0:
     past it the worker is killed, the sample scores 0 and is counted in ``<name>/timeout``), ``workers``.
     Parts: ``<name>``, ``<name>/parsed`` (an answer was found), ``<name>/timeout``.
@@ -207,11 +213,17 @@ class MathVerifyReward(Reward):
     """
 
     def __init__(self, *, name: Optional[str] = None, on_error: str = "raise", answer_tag: Optional[str] = "answer",
-                 require_tag: bool = False, timeout_s: float = 5.0, workers: int = 1):
+                 require_tag: bool = False, timeout_s: float = 5.0, workers: int = 1,
+                 answer_pattern: Optional[str] = None):
         super().__init__(name=name, on_error=on_error)
         import math_verify  # noqa: F401  (fail at construction, not at the first batch, if it is missing)
 
-        self.answer_tag, self.require_tag = answer_tag, require_tag
+        if answer_pattern is not None:
+            try:
+                re.compile(answer_pattern)
+            except (re.error, TypeError) as e:
+                raise ValueError(f"math_verify answer_pattern={answer_pattern!r} is not a valid regex: {e}") from None
+        self.answer_tag, self.require_tag, self.answer_pattern = answer_tag, require_tag, answer_pattern
         self.scorer = DeadlineScorer(f"reward {self.name!r}", timeout_s, workers, initializer=_mv_warm)
 
     def score(self, samples, prompts, meta) -> Parts:
@@ -219,7 +231,7 @@ class MathVerifyReward(Reward):
         answers = _meta_list(meta, "answer", len(texts), f"reward {self.name!r}")
         # math-verify's own timeouts (whole seconds) set past the deadline: the kill decides, deterministically
         own = int(math.ceil(self.scorer.timeout_s)) + 1
-        items = [(c, str(g), self.answer_tag, self.require_tag, own) for c, g in zip(texts, answers)]
+        items = [(c, str(g), self.answer_tag, self.require_tag, own, self.answer_pattern) for c, g in zip(texts, answers)]
         values, late = self.scorer.map(_mv_item, items)
         rows = [(0.0, 0.0) if t else v for v, t in zip(values, late)]
         return {self.name: torch.tensor([r[0] for r in rows], dtype=torch.float32),

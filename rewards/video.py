@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Reward, build_reward, register_reward
+from .base import Reward, register_reward
+from .build import build_reward
 from .image import _OpenClipReward
 
 

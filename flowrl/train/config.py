@@ -187,14 +187,26 @@ class LLMConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = field("float32", help="model dtype (bf16/fp16 on GPU)")
     backend: Literal["transformers", "vllm"] = field("transformers", help="sampler: transformers generate, or vLLM (GPU; sampler-vs-trainer IS correction applies)")
     chat_template: bool = field(False, help="wrap prompts with the tokenizer's chat template")
-    dataset: Literal["arithmetic", "reasoning_gym"] = field("arithmetic", help="training prompts: the embedded arithmetic problems or a reasoning-gym task")
+    dataset: str = field("arithmetic", help="a registered dataset kind (flowrl.train.llm_data.DATASETS): arithmetic (the embedded problems), "
+                                            "reasoning_gym (a reasoning-gym task), jsonl (a JSON-lines file), hf (a Hugging Face `datasets` id or local path)")
+    data_path: Optional[str] = field(None, help="jsonl: the JSON-lines file; hf: a hub id, a save_to_disk folder or a .jsonl/.json/.csv/.parquet file "
+                                                "(relative paths from the working directory)")
+    data_split: str = field("train", help="hf: the training split")
+    data_options: dict[str, Any] = field(default_factory=dict, help="hf: datasets.load_dataset keywords (name, data_dir, revision, cache_dir, ...)")
+    eval_data: Optional[str] = field(None, help="the evaluation rows: jsonl: a second JSONL file; hf: a split name or a local file "
+                                                "(None: hold out eval_fraction of the training file)")
+    eval_fraction: float = field(0.1, help="jsonl/hf without eval_data: the fraction of rows held out for evaluation (a fixed draw)")
+    prompt_column: str = field("prompt", help="jsonl/hf: the column holding the prompt (a string, or a chat conversation with chat_template)")
+    answer_column: str = field("answer", help="jsonl/hf: the column that reaches the rewards as meta['answer'] (math_verify's reference)")
+    tests_column: str = field("tests", help="jsonl/hf: the column that reaches the rewards as meta['tests'] (code_tests' unit tests)")
     task: str = field("countdown", help="reasoning-gym task name (dataset=reasoning_gym)")
     task_options: dict[str, Any] = field(default_factory=dict, help="reasoning-gym task options (e.g. {min_numbers: 3, max_numbers: 3})")
-    template: Optional[str] = field(None, help="reasoning-gym prompt template with {question} (None: the module's default)")
+    template: Optional[str] = field(None, help="prompt template: reasoning-gym: with {question} (None: the module's default); "
+                                               "jsonl/hf: with {column} fields of each row (None: the prompt column as it is)")
     prompt_format: Literal["template", "compact"] = field("template", help="reasoning-gym prompts: the English question in `template`, or a compact rendering of the entry's metadata (countdown: '3 7 25 50=175:', for the embedded countdown model)")
-    dataset_size: int = field(5000, help="training problems drawn once (train split) with data_seed")
+    dataset_size: int = field(5000, help="training problems drawn once (train split) with data_seed; jsonl/hf: at most this many rows (the first)")
     data_seed: int = field(0, help="seed of the training problem pool")
-    eval_size: int = field(200, help="held-out problems of the greedy evaluation (a fixed set, seed eval.seed)")
+    eval_size: int = field(200, help="held-out problems of the greedy evaluation (a fixed set, seed eval.seed; jsonl/hf: at most this many rows)")
     digits: int = field(3, help="arithmetic: operand digits")
     max_new_tokens: int = field(24, help="completion length limit (tokens)")
     temperature: float = field(1.0, help="sampling temperature of the rollouts (evaluation is greedy)")
@@ -202,9 +214,12 @@ class LLMConfig:
     top_p: Optional[float] = field(None, help="top-p truncation of the sampler (None: off; adds the IS correction)")
     gen_batch: int = field(0, help="rows per generate call, each seeded from (seed, iteration, chunk) (0: the rank's rows in one call); "
                                    "R processes sample exactly what one does when it divides the rows per rank")
-    rewards: dict[str, Any] = field(default_factory=dict, help="outcome rewards {name: {weight, type, options}} (empty: the dataset's own: arithmetic | reasoning_gym)")
+    rewards: dict[str, Any] = field(default_factory=dict, help="outcome rewards {name: {weight, type, options}}; a name or type is registered or a reference "
+                                                              "'module:function' / 'file.py:function' to your own (TRL, verl or flowrl signature); "
+                                                              "empty: the dataset's own (arithmetic | reasoning_gym)")
     correct_threshold: float = field(1.0, help="a sample is correct when its first reward's score is >= this (accuracy, gates, PRM labels)")
-    process_reward: Optional[dict[str, Any]] = field(None, help="process reward {type: registered name, ...options} scoring each step -> step_reward (e.g. {type: arithmetic_steps})")
+    process_reward: Optional[dict[str, Any]] = field(None, help="process reward {type: registered name or 'file.py:function', ...options} scoring each step -> step_reward "
+                                                                "(e.g. {type: arithmetic_steps})")
     steps: Literal["newline", "regex", "chunk"] = field("newline", help="step segmentation of a completion")
     step_pattern: Optional[str] = field(None, help="regex that starts a step (steps=regex)")
     step_chunk: int = field(8, help="tokens per step (steps=chunk)")
@@ -232,6 +247,13 @@ class LLMConfig:
         check(self.eval_size >= 1, f"eval_size={self.eval_size}: the evaluation set is empty; it needs >= 1 problem")
         check(self.digits >= 1, f"digits={self.digits}: must be >= 1")
         check(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens}: must be >= 1")
+        check(finite(self.eval_fraction) and 0 < self.eval_fraction < 1, f"eval_fraction={self.eval_fraction}: must be in (0, 1)")
+        if self.rewards or self.process_reward is not None:
+            from flowrl.rewards.build import check_process_reward_spec, check_reward_spec
+
+            if self.rewards:  # references to the user's code are read (not imported) here; registered names at build
+                check_reward_spec(self.rewards, key="rewards")
+            check_process_reward_spec(self.process_reward, key="process_reward")
         check(finite(self.temperature) and self.temperature > 0,
               f"temperature={self.temperature}: rollouts sample, so it must be finite and > 0 (evaluation is greedy)")
         check(self.top_k is None or self.top_k >= 1, f"top_k={self.top_k}: must be >= 1 (or null: off)")

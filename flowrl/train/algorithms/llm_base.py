@@ -40,8 +40,11 @@ class LLMAlgorithm(Algorithm):
     @classmethod
     def validate_config(cls, cfg: Any) -> None:
         """The family's cross-field checks: an estimator that another algorithm supplies, a shaper that needs a
-        process reward, a negative KL weight."""
+        process reward, a negative KL weight; the dataset (registered, its keys, a reward for it)."""
+        from flowrl.train.llm_data import check_llm_data
         from flowrl.train.llm_shaping import SHAPERS
+
+        check_llm_data(cfg)  # here, after the plug-ins: a plug-in may register the dataset kind
 
         est = cfg.advantage.estimator
         if est not in cls.supplies_estimators:
