@@ -33,7 +33,9 @@ def test_each_arith_config_runs_and_writes_its_outputs(path, tmp_path):
     cfg = cfg_of(path)
     out = tmp_path / "run"
     result = train(cfg, out)
-    assert {"accuracy", "miracle_rate", "all_steps_correct", "reward"} <= set(result)
+    # the step metrics come from the arithmetic verifier; the JSONL configs score the answer alone
+    steps = {"miracle_rate", "all_steps_correct"} if cfg.llm.dataset == "arithmetic" else set()
+    assert {"accuracy", "reward"} | steps <= set(result)
     rows = train_rows(out)
     assert len(rows) == 1 and torch.isfinite(torch.tensor(rows[0]["reward"])) and rows[0]["grad_norm"] > 0
     for f in ("metrics.jsonl", "report.md", "curves.png", "config.yaml", "samples/step_00001.txt"):
