@@ -121,3 +121,19 @@ def test_config_check_reads_the_source_and_imports_nothing(tmp_path):
     assert list(cfg.llm.rewards) == [f"{mod}:score"]
     with pytest.raises(Exception, match="importing .* failed: RuntimeError: imported at config load"):
         build_rewards(cfg.llm.rewards)
+
+
+def image_brightness(samples, prompts, meta):
+    """flowrl's signature on images float [B, C, H, W]: the mean pixel."""
+    return samples.flatten(1).mean(dim=1)
+
+
+def test_flow_rewards_by_reference_are_checked_at_load_and_build():
+    flow = str(ROOT / "configs" / "digits" / "flow_grpo.yaml")
+    with pytest.raises(ConfigError, match=r"flow.rewards\['\./nope.py:f'\]: reward '\./nope.py:f': no such file"):
+        load(TrainConfig, flow, ["flow.rewards={'./nope.py:f': 1.0}"])
+    cfg = load(TrainConfig, flow, [f"flow.rewards={{digits: 1.0, '{HERE}:image_brightness': 0.5}}"])
+    comb = build_rewards(cfg.flow.rewards)
+    assert comb.weights == {"digits": 1.0, "image_brightness": 0.5}
+    x = torch.full((2, 1, 8, 8), 0.25)
+    assert build_reward(f"{HERE}:image_brightness")(x, ["0", "1"])["image_brightness"].tolist() == [0.25, 0.25]

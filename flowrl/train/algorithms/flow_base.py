@@ -41,8 +41,11 @@ class FlowAlgorithm(Algorithm):
     @classmethod
     def validate_config(cls, cfg: Any) -> None:
         from flowrl.pipelines.registry import PIPELINES, pipeline_names
+        from flowrl.rewards.build import check_process_reward_spec, check_reward_spec
 
         fc = cfg.flow
+        check_reward_spec(fc.rewards, key="flow.rewards")  # references to the user's code: read, not imported
+        check_process_reward_spec(fc.process_reward, key="flow.process_reward")
         if fc.model not in PIPELINES or PIPELINES.meta(fc.model).get("family") != "flow":
             raise ValueError(f"flow.model={fc.model!r} is not a registered flow model adapter; valid: "
                              f"{pipeline_names('flow')}")
