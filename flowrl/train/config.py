@@ -336,6 +336,7 @@ def validate_train_config(cfg: "TrainConfig") -> None:
         value = getattr(cfg, key)
         check(value >= 1, f"{key}={value}: must be >= 1")
     check(finite(cfg.max_minutes) and cfg.max_minutes >= 0, f"max_minutes={cfg.max_minutes}: must be >= 0 (0: no limit)")
+    check_trackers(cfg)
     from flowrl.core import ADVANTAGES, AGG_MODES, LOSSES, min_group_size
     from flowrl.core.registry import UnknownNameError, check_params
     from flowrl.train.algorithms import ALGORITHMS
@@ -355,7 +356,6 @@ def validate_train_config(cfg: "TrainConfig") -> None:
           f"group_size={cfg.group_size}: advantage estimator {cfg.advantage.estimator!r} compares the samples of a "
           f"group, so it needs group_size >= {need} (a group of one always gets advantage 0)")
     algorithm.validate_config(cfg)
-    check_trackers(cfg)
 
 
 def check_trackers(cfg: "TrainConfig") -> None:
