@@ -8,12 +8,11 @@ like any Python module (never anything from a request or a model's output).
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
+
+from flowrl.core.registry import import_file
 
 
 class PluginError(ValueError):
@@ -28,19 +27,10 @@ def load_plugin(spec: str) -> ModuleType:
         path = Path(spec).expanduser().resolve()
         if not path.is_file():
             raise PluginError(f"plugins: {spec!r}: no such file (paths are relative to the working directory {Path.cwd()})")
-        # one module name per file path, so importing the same file twice registers once
-        name = f"flowrl_plugin_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
-        if name in sys.modules:
-            return sys.modules[name]
-        loader_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(loader_spec)
-        sys.modules[name] = module
         try:
-            loader_spec.loader.exec_module(module)
+            return import_file(path)  # once per resolved path (a reward reference to the same file shares it)
         except Exception as e:
-            del sys.modules[name]
             raise PluginError(f"plugins: importing {spec!r} failed: {type(e).__name__}: {e}") from e
-        return module
     try:
         return importlib.import_module(spec)
     except ModuleNotFoundError as e:

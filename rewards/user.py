@@ -42,16 +42,16 @@ so nothing heavy loads before training. The user's code runs in the trainer's pr
 from __future__ import annotations
 
 import ast
-import hashlib
 import importlib
 import importlib.util
 import inspect
-import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from flowrl.core.registry import import_file
 
 from .base import Meta, Parts, Reward, RewardError, batch_size_of
 
@@ -180,19 +180,8 @@ def check_reference(ref: str, *, process: bool = False, key: str = "rewards") ->
 
 # ----------------------------------------------------------------------------------------------- loading
 def _import_file(path: Path):
-    # the module name flowrl.plugins gives the same file, so a file named both as a plug-in and here runs once
-    name = f"flowrl_plugin_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
+    """The file's module, imported once (the same module ``plugins:`` gives that file)."""
+    return import_file(path)
 
 
 def load_reference(ref: str, *, process: bool = False) -> Any:

@@ -115,7 +115,7 @@ def main() -> None:
     rows = [bench_sd3(args.repeats, args.sd3_steps, 4.5, ["a photo of a cat", "a red dog on the mat"], 4),
             bench_digits(args.repeats, args.digits_steps, 16)]
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.repeats} alternating repeats\n")
-    print(f"| case | flowrl rollout median (min) s | baseline median (min) s | ratio median (min) |")
+    print("| case | flowrl rollout median (min) s | baseline median (min) s | ratio median (min) |")
     print("|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['ours_med']:.4f} ({r['ours_min']:.4f}) | {r['base_med']:.4f} ({r['base_min']:.4f}) "

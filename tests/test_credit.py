@@ -141,7 +141,6 @@ def dual_ref(b, mode, beta, coef, gamma, eps=1e-4):
     valid = valid_of(b)
     g = b.group.tolist()
     a_o = grpo_ref(b, eps)
-    S = b.step_reward.shape[1]
     step_a = {}
     if mode == "per_step":
         G = {}

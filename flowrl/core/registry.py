@@ -18,6 +18,7 @@ The core imports nothing above it, so this module is the one place every layer t
 from __future__ import annotations
 
 import inspect
+from types import ModuleType
 from typing import Any, Callable, Iterable, Optional
 
 
@@ -178,3 +179,27 @@ def import_submodules(package: str, *, exclude: Iterable[str] = ()) -> dict[str,
         except Exception as e:  # reported by the registry's unknown-name error
             errors[mod] = f"{type(e).__name__}: {e}"
     return errors
+
+
+def import_file(path) -> ModuleType:
+    """Import the Python file ``path`` (a user's plug-in or reward) once: one module name per resolved path, so a
+    file named in two places (``plugins:`` and a reward reference) runs, and registers its plug-ins, once. A file
+    that raises while importing leaves no half-built module behind."""
+    import hashlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(path).expanduser().resolve()
+    name = f"flowrl_plugin_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
