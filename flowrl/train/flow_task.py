@@ -64,8 +64,13 @@ class FlowTask(TaskBase):
         if B % self.world:
             raise ValueError(f"prompts_per_iter * group_size = {B} must be divisible by the number of processes {self.world}")
         prompts = config_prompts(cfg)
-        self.pipe = load_pipeline(self.fc.model, self.fc.model_path, family="flow", device=accelerator.device,
-                                  dtype=torch_dtype(self.fc.dtype, who="flow.dtype"), **self.fc.model_kwargs)
+        from flowrl.rewards.base import hub_guard
+
+        # a model that is neither cached nor reachable: one sentence naming it, not the hub's traceback
+        with hub_guard(str(self.fc.model_path), "log in (`huggingface-cli login`) for a gated model, or set "
+                       "flow.model_path to a local diffusers folder"):
+            self.pipe = load_pipeline(self.fc.model, self.fc.model_path, family="flow", device=accelerator.device,
+                                      dtype=torch_dtype(self.fc.dtype, who="flow.dtype"), **self.fc.model_kwargs)
         if prompts is None:
             if not isinstance(self.pipe, PromptDefaults):
                 raise ValueError(f"no training prompts: set flow.prompts or flow.prompt_file (the model adapter "

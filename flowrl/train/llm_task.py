@@ -66,7 +66,11 @@ def load_llm_pipeline(cfg: "TrainConfig", device: Any):
         raise ValueError(f"llm.model_path={lc.model_path!r} is the weights folder of a registered LLM adapter, but "
                          f"llm.model={lc.model!r} is not one (a hub id / local folder goes in llm.model alone)")
     else:
-        pipe = load_pipeline("causal_lm", lc.model, family="llm", **kw)
+        from flowrl.rewards.base import hub_guard
+
+        # a model that is neither cached nor reachable: one sentence naming it, not the hub's traceback
+        with hub_guard(lc.model, "log in (`huggingface-cli login`) for a gated model, or set llm.model to a local folder"):
+            pipe = load_pipeline("causal_lm", lc.model, family="llm", **kw)
     if lc.backend == "vllm" and not pipe.external_sampler:
         raise ValueError(f"llm.backend=vllm: the adapter of llm.model={lc.model!r} has no vLLM sampler")
     return pipe
