@@ -7,6 +7,7 @@ scalars). ``describe`` prints every field with its type, default and help (``flo
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -187,9 +188,20 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] 
             data = yaml_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
-    base = to_dict(cls()) if _all_defaults(cls) else {}
+    base = _defaults(cls) if _all_defaults(cls) else {}
     merged = _merge_sections(cls, base, data)
     return from_dict(cls, apply_overrides(merged, overrides))
+
+
+def _defaults(cls: type) -> dict:
+    """The defaults of ``cls`` as plain data, without building ``cls`` itself: its ``__post_init__`` may check
+    registered names (importing torch and the plug-ins), which a config that fails on an unknown key or a bad
+    value should not wait for. Nested sections are built (their own checks are cheap)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    return out
 
 
 def _all_defaults(cls: type) -> bool:
