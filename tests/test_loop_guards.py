@@ -67,6 +67,9 @@ class LinearBandit:
     def export(self, out_dir):
         pass
 
+    def report_plan(self):
+        return None  # the generic report
+
 
 def cfg_of(*overrides):
     base = ["iterations=6", "prompts_per_iter=4", "group_size=4", "eval.every=2", "save_every=2", "progress=false",

@@ -166,7 +166,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, task: 
 
             build_task = ALGORITHMS[cfg.algorithm].build_task
         task = build_task(cfg, acc)
-    plan = task.report_plan() if hasattr(task, "report_plan") else None
+    plan = task.report_plan()
     if main and plan is not None:
         from flowrl.train.report import save_plan
 

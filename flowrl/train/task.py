@@ -61,6 +61,11 @@ class Task(Protocol):
         """Load what :meth:`export` wrote (a finished run's trained weights) into the model."""
         ...
 
+    def report_plan(self) -> Any:
+        """What the run's ``report.md`` shows and checks (a ``flowrl.train.report.ReportPlan``), or None for the
+        generic report of the logged metrics."""
+        ...
+
 
 def iteration_generator(seed: int, it: int, rank: int, salt: int = 0) -> torch.Generator:
     """A CPU generator for iteration ``it`` of rank ``rank`` (independent streams by ``salt``).
@@ -133,6 +138,9 @@ class TaskBase:
     def load_export(self, out_dir: Path) -> None:
         """Load what ``export(out_dir)`` wrote (a finished run's trained weights) into this task's model."""
         raise NotImplementedError(f"{type(self).__name__} cannot load a finished run's export")
+
+    def report_plan(self) -> Any:
+        return None
 
     def prepare_update(self, rollout: Rollout, batch: TrajectoryBatch, adv: Tensor, it: int) -> tuple[Tensor, dict]:
         return self.algorithm.prepare_update(self, rollout, batch, adv, it)
