@@ -115,18 +115,25 @@ def _event_data(run_dir: Path):
     return found
 
 
+def _one_iteration(tmp_path, config: str, *sets: str):
+    """One small iteration of a shipped config with TensorBoard on, evaluated before and after: the run dir."""
+    from flowrl.train.loop import train
+
+    cfg = load(TrainConfig, ROOT / "configs" / config,
+               ["iterations=1", "prompts_per_iter=2", "group_size=2", "eval.every=1", "progress=false",
+                "trackers=[tensorboard]", "save_every=100", *sets])
+    out = tmp_path / "run"
+    train(cfg, out)
+    return out
+
+
 def test_digits_run_sends_labelled_grids_to_tensorboard_and_plots_diversity(tmp_path):
     from PIL import Image
 
-    from flowrl.train.loop import train
     from flowrl.train.metrics_log import curve_panels
 
-    cfg = load(TrainConfig, ROOT / "configs" / "digits" / "flow_grpo.yaml",
-               ["iterations=1", "prompts_per_iter=2", "group_size=2", "eval.every=1", "eval.num_per_prompt=2",
-                "eval.grid_per_prompt=2", "progress=false", "trackers=[tensorboard]", "run_name=look-test",
-                "save_every=100"])
-    out = tmp_path / "run"
-    train(cfg, out)
+    out = _one_iteration(tmp_path, "digits/flow_grpo.yaml", "eval.num_per_prompt=2", "eval.grid_per_prompt=2",
+                         "run_name=look-test")
     with Image.open(out / "samples" / "step_00001.png") as im:
         a = np.asarray(im.convert("RGB"))
     assert a.shape[1] == 2 * (64 + 2) and a.shape[0] >= 10 * 64  # ten digits, two samples each, 64 px each
@@ -142,14 +149,7 @@ def test_digits_run_sends_labelled_grids_to_tensorboard_and_plots_diversity(tmp_
 def test_llm_run_sends_a_completions_table_and_keeps_it(tmp_path):
     import json
 
-    from flowrl.train.loop import train
-
-    cfg = load(TrainConfig, ROOT / "configs" / "arith" / "grpo.yaml",
-               ["iterations=1", "prompts_per_iter=2", "group_size=2", "eval.every=1", "llm.eval_size=6",
-                "llm.dataset_size=16", "eval.table_rows=4", "progress=false", "trackers=[tensorboard]",
-                "save_every=100"])
-    out = tmp_path / "run"
-    train(cfg, out)
+    out = _one_iteration(tmp_path, "arith/grpo.yaml", "llm.eval_size=6", "llm.dataset_size=16", "eval.table_rows=4")
     rows = [json.loads(x) for x in (out / "samples" / "step_00001.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and set(rows[0]) == {"prompt", "completion", "reward", "correct"}
     text = _event_data(out)["text"]["eval/completions/text_summary"]
