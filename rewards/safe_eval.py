@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Optional
 
+from .ast_lock import AST_LOCK
+
 REASONS = ("length", "syntax", "node", "depth", "exponent", "digits", "zero_division")
 # log10(2): digits of an integer from its bit length without converting it to a string
 _LOG10_2 = math.log10(2)
@@ -78,8 +80,21 @@ def _check_size(v: Fraction, lim: Limits, what: str) -> Fraction:
     return v
 
 
-def _literal(text: str, node: ast.Constant, lim: Limits) -> Fraction:
-    seg = ast.get_source_segment(text, node)
+def _source_lines(text: str) -> list[bytes]:
+    """The UTF-8 bytes of each line as the parser counts lines (``\\r\\n``, ``\\r`` and ``\\n`` end one),
+    split once: ``ast.get_source_segment`` splits the whole text again for every literal (quadratic)."""
+    return [line.encode("utf-8") for line in re.split(r"\r\n|\r|\n", text)]
+
+
+def _segment(lines: list[bytes], node: ast.AST) -> Optional[str]:
+    """The source text of a one-line node (its column offsets count UTF-8 bytes)."""
+    if node.lineno != node.end_lineno:
+        return None
+    return lines[node.lineno - 1][node.col_offset : node.end_col_offset].decode("utf-8", "replace")
+
+
+def _literal(lines: list[bytes], node: ast.Constant, lim: Limits) -> Fraction:
+    seg = _segment(lines, node)
     if isinstance(node.value, bool) or not isinstance(node.value, (int, float)) or seg is None:
         raise UnsafeExpression("node", f"literal {seg if seg is not None else node.value!r:.40} is not a number")
     m = _NUMBER.fullmatch(seg)
@@ -108,17 +123,17 @@ def _power(base: Fraction, exp: Fraction, lim: Limits) -> Fraction:
     return _check_size(base ** e, lim, "a power")
 
 
-def _walk(text: str, node: ast.AST, lim: Limits, depth: int) -> Fraction:
+def _walk(lines: list[bytes], node: ast.AST, lim: Limits, depth: int) -> Fraction:
     if depth > lim.max_depth:
         raise UnsafeExpression("depth", f"nesting deeper than {lim.max_depth}")
     if isinstance(node, ast.Constant):
-        return _literal(text, node, lim)
+        return _literal(lines, node, lim)
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
-        v = _walk(text, node.operand, lim, depth + 1)
+        v = _walk(lines, node.operand, lim, depth + 1)
         return -v if isinstance(node.op, ast.USub) else v
     if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow)):
-        a = _walk(text, node.left, lim, depth + 1)
-        b = _walk(text, node.right, lim, depth + 1)
+        a = _walk(lines, node.left, lim, depth + 1)
+        b = _walk(lines, node.right, lim, depth + 1)
         if isinstance(node.op, ast.Pow):
             return _power(a, b, lim)
         if isinstance(node.op, ast.Div):
@@ -141,10 +156,11 @@ def safe_eval(text: str, limits: Optional[Limits] = None) -> Fraction:
         raise UnsafeExpression("length", f"{len(text)} characters > {lim.max_length}")
     text = text.strip()
     try:
-        tree = ast.parse(text, mode="eval")
+        with AST_LOCK:  # ast.parse from two threads at once is not safe on CPython < 3.11.8 (see ast_lock)
+            tree = ast.parse(text, mode="eval")
     except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
         raise UnsafeExpression("syntax", f"not an expression ({type(e).__name__})") from None
-    return _walk(text, tree.body, lim, 1)
+    return _walk(_source_lines(text), tree.body, lim, 1)
 
 
 def try_safe_eval(text: str, limits: Optional[Limits] = None) -> tuple[Optional[Fraction], Optional[str]]:

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .ast_lock import AST_LOCK
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -51,12 +53,11 @@ def decode_npy_bytes(raw: bytes, what: str) -> np.ndarray:
     f = io.BytesIO(raw)
     try:
         version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        else:
+        if version not in ((1, 0), (2, 0)):
             raise ValueError(f"unsupported .npy version {version}")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        with AST_LOCK:  # numpy parses the header with ast.literal_eval: not thread-safe on CPython < 3.11.8
+            shape, fortran, dtype = read_header(f)
     except (ValueError, OSError, EOFError, SyntaxError, TypeError) as e:
         raise RequestError(400, f"{what}: not a .npy array without pickle ({type(e).__name__}: {e})")
     if dtype.hasobject or dtype.kind not in "biuf" or dtype.fields is not None or dtype.subdtype is not None:

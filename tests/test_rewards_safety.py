@@ -43,6 +43,8 @@ def test_safe_eval_values_are_exact():
         "2**-3": Fraction(1, 8), "-(2**2)": Fraction(-4), "-2**2": Fraction(-4), "(-2)**2": Fraction(4),
         "+7 - -3": Fraction(10), "1e3 / 8": Fraction(125), ".5*4": Fraction(2), "2**100": Fraction(2**100),
         "  6 * (7)  ": Fraction(42), "(1/3)**3": Fraction(1, 27),
+        # literals on later lines (a line ends at \\r\\n, \\r or \\n): each read from its own line's columns
+        "(1 +\n 2\r\n*3\r+ (\n1e2\n))": Fraction(107), "(0.5\r\n+\r\n.25)": Fraction(3, 4),
     }
     for text, want in cases.items():
         got = safe_eval(text)
@@ -65,6 +67,7 @@ def test_safe_eval_values_are_exact():
     ("1/0", "zero_division"), ("0**-1", "zero_division"),
     ("x + 1", "node"), ("abs(-1)", "node"), ("(1).real", "node"), ("[1][0]", "node"), ("1 < 2", "node"),
     ("'1'", "node"), ("True + 1", "node"), ("0x10", "node"), ("1_000", "node"), ("2j", "node"),
+    ("(1\n+\r\n0x10)", "node"), ("(1 +\r 1_0)", "node"), ("1 + 'é'", "node"),
     ("lambda: 1", "node"), ("3 7", "syntax"), ("", "syntax"), ("1;2", "syntax"), ("(1", "syntax"),
 ])
 def test_safe_eval_refuses_with_reason(text, reason):
