@@ -24,7 +24,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	# two workers: one per core (each test runs torch on one thread)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --durations=25
 
 JEMALLOC := $(wildcard /usr/lib/x86_64-linux-gnu/libjemalloc.so.2)
 
