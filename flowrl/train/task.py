@@ -99,6 +99,9 @@ class TaskBase:
     acc: Any
     algorithm: Any
     module: nn.Module
+    # the module as ``accelerator.prepare`` returned it (a DDP/DeepSpeed wrapper, or ``module`` itself sharded in
+    # place by FSDP2); the loop sets it. ``grad_sync`` needs it to hold back a chunk's gradient reduction.
+    prepared_module: Optional[nn.Module] = None
 
     @property
     def world(self) -> int:
@@ -134,6 +137,28 @@ class TaskBase:
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if state:
             self.algorithm.load_state_dict(state)
+
+    @contextlib.contextmanager
+    def grad_sync(self, last: bool) -> Iterator[None]:
+        """Wrap the forward AND backward of one chunk of an optimiser step's loss (gradient accumulation).
+
+        Chunks before the ``last`` accumulate locally: under DDP and FSDP2 (``accelerator.no_sync``) nothing is
+        all-reduced / reduce-scattered, and under DeepSpeed ``accelerator.backward`` does not step the engine
+        (``sync_gradients`` False: the engine's accumulation boundary is the last chunk). The last chunk reduces
+        the accumulated gradients once. On one process without DeepSpeed this changes nothing. DDP decides at
+        the forward pass whether the backward reduces, so the forward must be inside the block too.
+        """
+        if last or self.prepared_module is None:
+            yield
+            return
+        state = self.acc.gradient_state
+        before = state.sync_gradients
+        state._set_sync_gradients(False)
+        try:
+            with self.acc.no_sync(self.prepared_module):
+                yield
+        finally:
+            state._set_sync_gradients(before)
 
     def load_export(self, out_dir: Path) -> None:
         """Load what ``export(out_dir)`` wrote (a finished run's trained weights) into this task's model."""

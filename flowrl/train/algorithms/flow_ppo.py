@@ -37,25 +37,27 @@ def ppo_backward(task: "FlowTask", roll: "Rollout", index: Tensor, batch: Trajec
     for r0 in range(0, b, rc):  # micro-batches of samples
         rsel = torch.arange(r0, min(r0 + rc, b), device=dev)
         for t0 in range(0, T, tc):  # chunks of denoising steps (time)
-            cols = torch.arange(t0, min(t0 + tc, T), device=dev)
-            c, r = len(cols), len(rsel)
-            rows = index.to(traj.latents.device)[rsel].repeat(c)
-            st = steps[cols].repeat_interleave(r)
-            out = recompute_log_prob(task.pipe, traj, st, index=rows)
-            logp = out.log_prob.view(c, r).T
-            m = batch.mask[rsel][:, cols]
-            loss, lm = compute_policy_loss(cfg.loss.name, logp, batch.old_logp[rsel][:, cols], adv[rsel][:, cols],
-                                           m, agg=cfg.loss.agg, **cfg.loss.params)
-            if cfg.loss.kl_beta > 0:
-                with torch.no_grad(), task.reference() as ref:
-                    ref_mean = recompute_log_prob(ref, traj, st, index=rows).mean
-                dims = tuple(range(1, out.mean.dim()))
-                kl = ((out.mean - ref_mean) ** 2).mean(dim=dims) / (2 * out.std ** 2)
-                kl = aggregate(kl.view(c, r).T, m, cfg.loss.agg)
-                loss = loss + cfg.loss.kl_beta * kl
-                lm["policy/kl"] = kl.detach()
-            weight = m.float().sum() / n_valid
-            task.acc.backward(loss * weight)
+            # gradients of the chunks accumulate locally; the last chunk of the minibatch reduces them once
+            with task.grad_sync(last=r0 + rc >= b and t0 + tc >= T):
+                cols = torch.arange(t0, min(t0 + tc, T), device=dev)
+                c, r = len(cols), len(rsel)
+                rows = index.to(traj.latents.device)[rsel].repeat(c)
+                st = steps[cols].repeat_interleave(r)
+                out = recompute_log_prob(task.pipe, traj, st, index=rows)
+                logp = out.log_prob.view(c, r).T
+                m = batch.mask[rsel][:, cols]
+                loss, lm = compute_policy_loss(cfg.loss.name, logp, batch.old_logp[rsel][:, cols], adv[rsel][:, cols],
+                                               m, agg=cfg.loss.agg, **cfg.loss.params)
+                if cfg.loss.kl_beta > 0:
+                    with torch.no_grad(), task.reference() as ref:
+                        ref_mean = recompute_log_prob(ref, traj, st, index=rows).mean
+                    dims = tuple(range(1, out.mean.dim()))
+                    kl = ((out.mean - ref_mean) ** 2).mean(dim=dims) / (2 * out.std ** 2)
+                    kl = aggregate(kl.view(c, r).T, m, cfg.loss.agg)
+                    loss = loss + cfg.loss.kl_beta * kl
+                    lm["policy/kl"] = kl.detach()
+                weight = m.float().sum() / n_valid
+                task.acc.backward(loss * weight)
             for k, v in lm.items():
                 metrics[k] = metrics.get(k, 0.0) + float(v) * float(weight)
     return metrics
