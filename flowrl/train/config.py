@@ -118,14 +118,10 @@ class CriticConfig:
     adv_clip: float = field(2.0, help="clip A = G - V to [-c, c]")
     temperature: float = field(1.0, help="tau in the weight w = exp(A / tau), normalised to mean 1 over the batch")
     w2_alpha: float = field(1.0, help="alpha of the Wasserstein-2 regulariser alpha * ||v - v_ref||^2")
-    fm_samples: int = field(2, help="noise draws (sigma, eps) per sample for the weighted flow-matching loss, in every update pass")
+    fm_samples: int = field(2, help="noise draws eps per trained step of each sample for the weighted flow-matching loss (at that step's sigma_k), in every update pass")
     weighting: Literal["exp", "positive"] = field("exp", help="w from A: exp = exp(A / tau) (ORW-CFM-W2); positive = max(A, 0); both normalised to mean 1 over the batch")
-    fm_sigma: list[float] = field(default_factory=lambda: [0.0, 1.0], help="[lo, hi]: the flow-matching loss's noise levels sigma ~ U(lo, hi)")
 
     def __post_init__(self):
-        fs = list(self.fm_sigma)
-        check(len(fs) == 2 and all(finite(v) for v in fs) and 0.0 <= fs[0] < fs[1] <= 1.0,
-              f"fm_sigma={fs}: fm_sigma must be [lo, hi] with 0 <= lo < hi <= 1")
         for key in ("lr", "temperature", "adv_clip"):
             value = getattr(self, key)
             check(finite(value) and value > 0, f"{key}={value}: must be finite and > 0")

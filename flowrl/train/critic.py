@@ -56,25 +56,44 @@ def critic_inputs(traj, rows: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]
     return x, sigma, cond, K
 
 
+def step_advantages(G: Tensor, V: Tensor, steps: Tensor, clip: float) -> Tensor:
+    """AC-Flow's per-step advantage of each trained step.
+
+    A[b, t] = clip(G_b - V[b, steps[t]], -clip, clip): the return G_b (the normalised reward of sample b) against
+    the critic's value of the state x_{b, k} the step started from, k = steps[t]. A step whose start state already
+    predicted the outcome (V close to G, typically the late, low-noise steps) gets little credit; a step after which
+    the outcome beat the expectation gets a large one. G float [B]; V float [B, K] (the critic at every state
+    k < K, evaluated before the critic is fitted to these rollouts, so that it is not biased toward G); steps long
+    [T] (indices into K). Returns float [B, T].
+    """
+    if G.dim() != 1 or V.dim() != 2 or V.shape[0] != G.shape[0] or steps.dim() != 1:
+        raise ValueError(f"step_advantages: G must be float [B], V float [B, K] and steps long [T]; got "
+                         f"{tuple(G.shape)}, {tuple(V.shape)} and {tuple(steps.shape)}")
+    if not clip > 0:
+        raise ValueError(f"step_advantages: clip must be > 0; got {clip}")
+    return (G[:, None] - V.index_select(1, steps.to(V.device))).clamp(-clip, clip)
+
+
 WEIGHTINGS = ("exp", "positive")
 
 
 def advantage_weights(a: Tensor, valid: Tensor, *, weighting: str, temperature: float = 1.0,
                       reduce: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
-    """AC-Flow's weight of each sample's flow-matching loss from its advantage, normalised to mean 1.
+    """AC-Flow's weight of each flow-matching term from its advantage, normalised to mean 1.
 
-    exp (ORW-CFM-W2, Fan et al., 2025: w proportional to exp(tau r)):  e_b = exp(a_b / temperature)
-    positive (the positive part: only samples better than expected are fitted):  e_b = max(a_b, 0)
-    w_b = e_b / ((sum_{valid} e) / n_valid), and w_b = 0 where ``valid`` is False. If every e_b of the valid
-    samples is 0 (positive weighting, no a_b > 0) then w = 0 everywhere (only the W2 term acts).
+    exp (ORW-CFM-W2, Fan et al., 2025: w proportional to exp(tau r)):  e_i = exp(a_i / temperature)
+    positive (the positive part: only terms better than expected are fitted):  e_i = max(a_i, 0)
+    w_i = e_i / ((sum_{valid} e) / n_valid), and w_i = 0 where ``valid`` is False. If every e_i of the valid
+    entries is 0 (positive weighting, no a_i > 0) then w = 0 everywhere (only the W2 term acts).
     ``reduce`` (e.g. an all-reduce over ranks) is applied to the float [2] tensor (sum e, n_valid) so the mean is
-    global. a float [B]; valid bool [B]. Returns float [B].
+    global. a float of any shape (per sample [B], or per trained step [B, T]); valid bool of the same shape.
+    Returns float of a's shape.
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"AC-Flow weighting {weighting!r} is unknown; valid: {WEIGHTINGS}")
-    if a.dim() != 1 or valid.shape != a.shape or valid.dtype != torch.bool:
-        raise ValueError(f"advantage_weights: a must be float [B] and valid bool [B]; got {tuple(a.shape)} and "
-                         f"{tuple(valid.shape)} {valid.dtype}")
+    if a.dim() < 1 or valid.shape != a.shape or valid.dtype != torch.bool:
+        raise ValueError(f"advantage_weights: a must be float [B] or [B, T] and valid bool of the same shape; got "
+                         f"{tuple(a.shape)} and {tuple(valid.shape)} {valid.dtype}")
     if weighting == "exp" and not temperature > 0:
         raise ValueError(f"advantage_weights: temperature must be > 0 for exp weighting; got {temperature}")
     raw = torch.exp(a.float() / temperature) if weighting == "exp" else a.float().clamp_min(0)
