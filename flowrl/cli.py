@@ -47,6 +47,13 @@ def _train(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"flowrl train: {e}", file=sys.stderr)
         return 2
+    if args.dry_run:  # checks and a memory estimate, no weights loaded (flowrl.train.preflight)
+        from flowrl.train.preflight import run_preflight
+
+        rc, failures = run_preflight(cfg, args.config)
+        for f in failures:
+            print(f"flowrl train --dry-run: {f}", file=sys.stderr)
+        return rc
     from pathlib import Path
 
     from flowrl.rewards import MissingWeightsError
@@ -133,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="run directory (default runs/<config name>)")
     s.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     s.add_argument("--help-config", action="store_true", help="list every config key with its type, default and help")
+    s.add_argument("--dry-run", action="store_true", help="check the config, data, rewards and model availability and "
+                   "print the memory per rank, without loading weights; exit 2 with a sentence per failure")
     s.set_defaults(func=_train)
     s = sub.add_parser("eval", help="evaluate a finished run (its config and trained weights) on its fixed evaluation set")
     s.add_argument("run", help="run directory written by flowrl train")

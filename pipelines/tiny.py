@@ -15,8 +15,14 @@ from pathlib import Path
 import torch
 
 
+# the tiny T5 tokenizer's pieces: 4 specials + 12 words + 36 letters/digits + 26 word-initial letters; the tiny
+# encoders' vocabulary must cover every id it emits (with 70, any word that starts with a letter piece ran off
+# the embedding table)
+T5_VOCAB = 78
+
+
 def tiny_t5_tokenizer(model_max_length: int = 512):
-    """A real transformers ``T5Tokenizer`` (Unigram) with a 70-piece vocabulary: pad/eos/unk, letters, digits, words."""
+    """A real transformers ``T5Tokenizer`` (Unigram) with a ``T5_VOCAB``-piece vocabulary: pad/eos/unk, letters, digits, words."""
     from transformers import T5Tokenizer
 
     words = ["a", "the", "of", "photo", "cat", "dog", "digit", "handwritten", "red", "blue", "on", "mat"]
@@ -64,7 +70,7 @@ def build_tiny_sd3(directory: str | os.PathLike, *, seed: int = 0, with_t5: bool
                                         caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=8)
     text_encoder = CLIPTextModelWithProjection(_clip_config(8, 8))
     text_encoder_2 = CLIPTextModelWithProjection(_clip_config(16, 8))
-    t5 = T5EncoderModel(T5Config(vocab_size=70, d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
+    t5 = T5EncoderModel(T5Config(vocab_size=T5_VOCAB, d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
                                  decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)) if with_t5 else None
     tok = _clip_tokenizer()
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
@@ -90,7 +96,7 @@ def build_tiny_flux(directory: str | os.PathLike, *, seed: int = 0, guidance_emb
                                          axes_dims_rope=(2, 2, 4))
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
-    t5 = T5EncoderModel(T5Config(vocab_size=70, d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
+    t5 = T5EncoderModel(T5Config(vocab_size=T5_VOCAB, d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
                                  decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
     pipe = FluxPipeline(scheduler=scheduler, vae=_tiny_vae(4), text_encoder=CLIPTextModel(_clip_config(8, 8)),
                         tokenizer=_clip_tokenizer(), text_encoder_2=t5, tokenizer_2=tiny_t5_tokenizer(),
@@ -116,7 +122,7 @@ def build_tiny_wan(directory: str | os.PathLike, *, seed: int = 0) -> Path:
                                         in_channels=z, out_channels=z, text_dim=32, freq_dim=16, ffn_dim=32,
                                         num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
                                         rope_max_seq_len=32)
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=70, d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=T5_VOCAB, d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
                                                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     pipe = WanPipeline(tokenizer=tiny_t5_tokenizer(), text_encoder=text_encoder, vae=vae, transformer=transformer,

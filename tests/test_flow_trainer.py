@@ -209,10 +209,14 @@ SMALL = {"sd3": "{}", "flux": "{height: 16, width: 16}", "wan": "{height: 16, wi
 
 
 @pytest.mark.parametrize("model,builder", [("sd3", "build_tiny_sd3"), ("flux", "build_tiny_flux"), ("wan", "build_tiny_wan")])
-def test_published_configs_run_one_step_with_tiny_stand_ins(model, builder, tmp_path):
-    """The anchors' published settings (configs/<model>/*.yaml) with tiny models of the same classes: only the
-    model path, the sizes, the batch, the reward (model-free JPEG) and the precision (CPU) are overridden."""
+def test_published_configs_run_two_iterations_with_tiny_stand_ins(model, builder, tmp_path, monkeypatch):
+    """The anchors' published settings (configs/<model>/*.yaml) with tiny models of the same classes, on the
+    prompt files they ship (data/): only the model path, the sizes, the batch, the reward (model-free JPEG) and
+    the precision (CPU) are overridden."""
     import flowrl.pipelines.tiny as tiny
+    from flowrl.train.flow_data import load_prompt_sets
+
+    monkeypatch.chdir(ROOT)  # the configs name their prompt files relative to the repository root
 
     d = getattr(tiny, builder)(tmp_path / "model")
     files = sorted((ROOT / "configs" / model).glob("*.yaml"))
@@ -220,16 +224,20 @@ def test_published_configs_run_one_step_with_tiny_stand_ins(model, builder, tmp_
     rewards = ("{video_frames: {weight: 1.0, image: jpeg_compressibility}}" if model == "wan"
                else "{jpeg_compressibility: {weight: 1.0}}")
     for f in files:
-        cfg = load(TrainConfig, f, [f"flow.model_path={d}", f"flow.model_kwargs={SMALL[model]}", "iterations=1",
+        cfg = load(TrainConfig, f, [f"flow.model_path={d}", f"flow.model_kwargs={SMALL[model]}", "iterations=2",
                                     "prompts_per_iter=2", "group_size=2", "minibatches=1", "flow.num_steps=3",
                                     "flow.eval_num_steps=3", "flow.sde_window=null", "eval.every=100",
                                     "eval.num_per_prompt=1", "eval.grid_per_prompt=1", f"flow.rewards={rewards}",
                                     "advantage.params={}", "progress=false", "trackers=[]", "flow.dtype=float32",
-                                    "mixed_precision=no", "flow.prompt_file=null", "flow.prompts=[a cat, a dog]"])
+                                    "mixed_precision=no", "flow.eval_size=2"])
+        assert cfg.flow.prompt_file and cfg.flow.eval_prompt_file, f"{f.name} ships no prompt files"
+        train_set, eval_set = load_prompt_sets(cfg)
+        assert len(train_set) >= 100 and len(eval_set) == 2
+        assert not set(train_set.prompts) & set(eval_set.prompts)  # the evaluation prompts are held out
         out = tmp_path / f.stem
         train(cfg, out)
         rows = [r for r in read_metrics(out) if r["split"] == "train"]
-        assert len(rows) == 1 and rows[0]["grad_norm"] > 0.0
+        assert len(rows) == 2 and all(r["grad_norm"] > 0.0 for r in rows)
 
 
 def test_micro_batches_and_step_chunks_accumulate_the_same_gradient(sd3_dir):

@@ -138,7 +138,17 @@ class FlowConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = field("float32", help="model dtype (bf16/fp16 on GPU)")
     model_kwargs: dict[str, Any] = field(default_factory=dict, help="keyword options of the adapter's loader (sd3/flux/wan: from_pretrained's height, width, num_frames, guidance_scale, ...)")
     prompts: list[str] = field(default_factory=list, help="training prompts (empty: the task's default set, e.g. the ten digits)")
-    prompt_file: Optional[str] = field(None, help="file with one training prompt per line (overrides prompts)")
+    prompt_file: Optional[str] = field(None, help="the training prompts (overrides prompts): a text file (one prompt per line), a JSON-lines file, "
+                                              "or a Hugging Face dataset (save_to_disk folder, .json/.csv/.parquet file, hub id); relative to the working directory")
+    prompt_source: str = field("auto", help="how prompt_file is read, a registered prompt source (flowrl.train.flow_data.PROMPT_SOURCES): "
+                                            "text, jsonl, hf; auto: by the file's suffix (.txt, .jsonl), else hf (folders, hub ids)")
+    prompt_column: str = field("prompt", help="jsonl/hf: the column holding the prompt; every other column reaches the rewards as meta")
+    data_split: str = field("train", help="hf: the split of the training prompts")
+    data_options: dict[str, Any] = field(default_factory=dict, help="hf: datasets.load_dataset keywords (name, data_dir, revision, cache_dir, ...)")
+    eval_prompt_file: Optional[str] = field(None, help="the evaluation prompts, read like prompt_file (None: eval_split, eval_prompts, else the training prompts)")
+    eval_split: Optional[str] = field(None, help="hf: the split of prompt_file's dataset holding the evaluation prompts")
+    dataset_size: Optional[int] = field(None, help="at most this many training prompts, the first (None: all)")
+    eval_size: Optional[int] = field(None, help="at most this many evaluation prompts, the first (None: all)")
     eval_prompts: list[str] = field(default_factory=list, help="evaluation prompts (empty: the training prompts)")
     num_steps: int = field(6, help="denoising steps per rollout")
     eval_num_steps: Optional[int] = field(None, help="denoising steps at evaluation (None: num_steps)")
@@ -168,6 +178,12 @@ class FlowConfig:
               f"sde_window={self.sde_window}: must be [start, stop) with 0 <= start < stop (or null: every step)")
         check(self.steps_per_backward >= 0, f"steps_per_backward={self.steps_per_backward}: must be >= 0 (0: all steps)")
         check(self.micro_batch >= 0, f"micro_batch={self.micro_batch}: must be >= 0 (0: the whole minibatch)")
+        for key in ("dataset_size", "eval_size"):
+            check(getattr(self, key) is None or getattr(self, key) >= 1, f"{key}={getattr(self, key)}: must be >= 1 (or null: all)")
+        if self.prompt_source != "auto" or self.eval_split or self.eval_prompt_file:  # the sources' registry imports torch
+            from flowrl.train.flow_data import check_prompt_data
+
+            check_prompt_data(self)
         check(self.process_reward is None or "type" in self.process_reward,
               f"process_reward={self.process_reward}: needs a 'type' (a registered process reward)")
 

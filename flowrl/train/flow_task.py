@@ -29,21 +29,8 @@ from flowrl.flow.sampler import progress_bars
 from flowrl.flow.sampler import rollout as flow_rollout
 from flowrl.pipelines.registry import load_pipeline
 from flowrl.train.config import TrainConfig
+from flowrl.train.flow_data import PromptSet, load_prompt_sets
 from flowrl.train.task import Rollout, TaskBase, iteration_generator
-
-
-def config_prompts(cfg: TrainConfig) -> Optional[list[str]]:
-    """The training prompts the config names (``flow.prompt_file``, else ``flow.prompts``), or None."""
-    fc = cfg.flow
-    if fc.prompt_file:
-        p = Path(fc.prompt_file)
-        if not p.is_file():
-            raise FileNotFoundError(f"flow.prompt_file {str(p)!r} does not exist")
-        prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError(f"flow.prompt_file {str(p)!r} holds no prompt (one prompt per line)")
-        return prompts
-    return list(fc.prompts) or None
 
 
 class FlowTask(TaskBase):
@@ -63,7 +50,7 @@ class FlowTask(TaskBase):
         B = cfg.prompts_per_iter * cfg.group_size
         if B % self.world:
             raise ValueError(f"prompts_per_iter * group_size = {B} must be divisible by the number of processes {self.world}")
-        prompts = config_prompts(cfg)
+        train_set, eval_set = load_prompt_sets(cfg)  # flowrl.train.flow_data: files, datasets, metadata columns
         from flowrl.rewards.base import hub_guard
 
         # a model that is neither cached nor reachable: one sentence naming it, not the hub's traceback
@@ -71,13 +58,13 @@ class FlowTask(TaskBase):
                        "flow.model_path to a local diffusers folder"):
             self.pipe = load_pipeline(self.fc.model, self.fc.model_path, family="flow", device=accelerator.device,
                                       dtype=torch_dtype(self.fc.dtype, who="flow.dtype"), **self.fc.model_kwargs)
-        if prompts is None:
+        if train_set is None:
             if not isinstance(self.pipe, PromptDefaults):
                 raise ValueError(f"no training prompts: set flow.prompts or flow.prompt_file (the model adapter "
                                  f"{self.fc.model!r} has no default prompts)")
-            prompts = self.pipe.default_prompts()
-        self.prompts = prompts
-        self.eval_prompts = list(self.fc.eval_prompts) or self.prompts
+            train_set = PromptSet([{"prompt": p} for p in self.pipe.default_prompts()], source="the adapter's own")
+        self.prompt_set, self.eval_set = train_set, eval_set or train_set
+        self.prompts, self.eval_prompts = train_set.prompts, self.eval_set.prompts
         if cfg.lora.enabled:
             self.pipe.add_lora(rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules or None)
         else:
@@ -149,7 +136,8 @@ class FlowTask(TaskBase):
         traj = flow_rollout(self.pipe, local_prompts, num_steps=K, kind=fc.kind, noise_level=fc.noise_level,
                             cfg_scale=fc.cfg_scale, sde_window=sde_window, guidance=self.guidance, cond=cond,
                             noise=noise[rows.to(noise.device)], generator=generator, progress=self.show_progress)
-        outcome, parts, valid, metrics = self.reward.score(traj.samples, local_prompts)
+        outcome, parts, valid, metrics = self.reward.score(traj.samples, local_prompts,
+                                                           self.prompt_set.meta(prompt_of_row.tolist()))
         metrics = dict(metrics)
         metrics["reward"] = float(outcome[valid].mean()) if bool(valid.any()) else float("nan")
 
@@ -204,7 +192,7 @@ class FlowTask(TaskBase):
 
         imgs = sample(self.pipe, self.eval_prompts, samples_per_prompt=n, seed=seed, guidance=guidance, **kw)
         prompts = [p for p in self.eval_prompts for _ in range(n)]
-        outcome, parts, valid, metrics = self.reward.score(imgs, prompts)
+        outcome, parts, valid, metrics = self.reward.score(imgs, prompts, self.eval_set.meta_of(prompts))
         out = {k.removeprefix("reward/"): v for k, v in metrics.items()}
         out["reward"] = float(outcome[valid].mean())
         return out
@@ -220,7 +208,7 @@ class FlowTask(TaskBase):
         n = ec.grid_per_prompt
         imgs = sample(self.pipe, self.eval_prompts, samples_per_prompt=n, seed=ec.seed, **kw)
         prompts = [p for p in self.eval_prompts for _ in range(n)]
-        outcome, _, valid, _ = self.reward.score(imgs, prompts)
+        outcome, _, valid, _ = self.reward.score(imgs, prompts, self.eval_set.meta_of(prompts))
         rewards = torch.where(valid.to(outcome.device), outcome.float(), torch.full_like(outcome.float(), float("nan")))
         captions = visuals.reward_captions(rewards, len(prompts))
         d = out_dir / "samples"
