@@ -36,11 +36,12 @@ def tp_reference(R, eta=1.0, balance=False):
             tr.append(keeps if t == 0 else (s[t - 1] < 0 and s[t] > 0 and keeps))
         turning.append(tr)
         rewards.append([eta * (row[n] - row[t]) if tr[t] else d[t] for t in range(n)])
-    if balance:
+    if balance:  # the reference's use_balanced_bonus: rank by |R_n - R_0|; one sign absent -> keep all
         pts = [(i, t, rewards[i][t]) for i in range(B) for t in range(n) if turning[i][t]]
-        posl = sorted([p for p in pts if p[2] > 0], key=lambda p: -abs(p[2]))  # stable: flat order on ties
-        negl = sorted([p for p in pts if p[2] < 0], key=lambda p: -abs(p[2]))
-        k = min(len(posl), len(negl))
+        key = lambda p: -abs(R[p[0]][n] - R[p[0]][0])  # noqa: E731  (stable sort: flat order on ties)
+        posl = sorted([p for p in pts if p[2] > 0], key=key)
+        negl = sorted([p for p in pts if p[2] < 0], key=key)
+        k = min(len(posl), len(negl)) if posl and negl else len(pts)
         kept = {(i, t) for i, t, _ in posl[:k] + negl[:k]}
         for i in range(B):
             for t in range(n):
@@ -63,6 +64,17 @@ def test_turning_points_hand_worked():
     rb, tpb = turning_point_rewards(R, balance=True)
     assert tpb.tolist() == [[True, False, False], [False, False, False], [False, True, False]]
     assert rb.tolist() == [[3.0, 1.0, 1.0], [-1.0, 2.0, 1.0], [1.0, -3.0, -1.0]]
+    # balance ranks by the trajectory's |R_n - R_0| (the reference's key), not by the bonus: rows A and C turn up at
+    # step 1 with bonuses 3 (key 2) and 2.75 (key 2.5), row D turns down (bonus -6): C is kept, A falls back to d;
+    # with one sign only (A and C alone) every bonus is kept
+    Rk = torch.tensor([[0.0, -1.0, 1.0, 2.0], [0.0, -0.25, 2.25, 2.5], [1.0, 2.0, -3.0, -4.0]])
+    _, tpk = turning_point_rewards(Rk)
+    assert tpk.tolist() == [[False, True, False]] * 3
+    rk, tpk_b = turning_point_rewards(Rk, balance=True)
+    assert tpk_b.tolist() == [[False, False, False], [False, True, False], [False, True, False]]
+    assert rk.tolist() == [[-1.0, 2.0, 1.0], [-0.25, 2.75, 0.25], [1.0, -6.0, -1.0]]
+    _, tp1 = turning_point_rewards(Rk[:2], balance=True)
+    assert tp1.tolist() == [[False, True, False]] * 2
     # a flip whose direction the rest of the trajectory undoes is not a turning point
     r4, tp4 = turning_point_rewards(torch.tensor([[0.0, 1.0, -1.0, 2.0, 1.0]]))
     assert not tp4.any() and r4.tolist() == [[1.0, -2.0, 3.0, -1.0]]
@@ -80,7 +92,7 @@ def test_turning_points_random(seed, balance):
     assert_close(r, rr)
     if balance:
         bonus = r[tp]
-        assert int((bonus > 0).sum()) == int((bonus < 0).sum())
+        assert int((bonus > 0).sum()) == int((bonus < 0).sum()) > 0
 
 
 def test_turning_points_errors():

@@ -61,9 +61,14 @@ def turning_point_rewards(
     s_{t-1} < 0 and s_t > 0 and sign(d_t) * sign(R_n - R_{t+1}) > 0 (a flip back to the trend that the
     rest of the trajectory keeps). A turning step's reward is eta * (R_n - R_t) (the aggregated
     long-term reward); every other step's is d_t.
-    ``balance=True`` keeps equal numbers of positive and negative turning-point bonuses in the batch:
-    k = min(#positive, #negative); the k of each sign with the largest |bonus| stay turning points
-    (ties: lower flat index first), the rest fall back to d_t (as the reference code does).
+    ``balance=True`` keeps equal numbers of positive and negative turning-point bonuses in the batch, as the
+    reference's ``use_balanced_bonus`` (its published script sets it; reference:
+    YunzeTong/TurningPoint-GRPO/scripts/my_train_sd3_fast_with_op3.py): with P positive and N negative bonuses
+    and both P, N > 0, k = min(P, N) of each sign stay turning points, chosen by the largest |R_n - R_0| of their
+    trajectory (the reference ranks by its ``delta_global``, not by the bonus itself; ties: lower flat index
+    first), and the others fall back to d_t. When every bonus has one sign (P = 0 or N = 0) all are kept, as
+    there. Scope: the reference balances each sampling batch of one GPU (``sample.train_batch_size`` images);
+    here the rows of ``R`` (a rank's iteration batch in training).
     ``valid`` bool [B] (default all): invalid rows get no turning point and are not counted.
 
     Returns ``(step_rewards float [B, n], turning bool [B, n])`` (after balancing).
@@ -90,8 +95,11 @@ def turning_point_rewards(
     if balance:
         pos = turning & (bonus > 0)
         neg = turning & (bonus < 0)
-        k = torch.minimum(pos.sum(), neg.sum())
-        turning = _top_k_flat(bonus.abs(), pos, k) | _top_k_flat(bonus.abs(), neg, k)
+        n_pos, n_neg = pos.sum(), neg.sum()
+        # one sign absent: the reference keeps every turning point (no host sync: k = all of them then)
+        k = torch.where((n_pos > 0) & (n_neg > 0), torch.minimum(n_pos, n_neg), torch.maximum(n_pos, n_neg))
+        mag = (Rn - R[:, :1]).abs().expand_as(bonus)  # |R_n - R_0|: the reference's ranking key
+        turning = _top_k_flat(mag, pos, k) | _top_k_flat(mag, neg, k)
     return torch.where(turning, bonus, d), turning
 
 
