@@ -98,6 +98,7 @@ class GuidanceConfig:
     estimator: Literal["autograd", "spsa"] = field("autograd", help="gradient of the process reward: autograd or SPSA")
     logprob_mean: Literal["unguided", "guided"] = field("unguided", help="score actions under the unguided mean (distils guidance) or the guided one")
     eval_guided: bool = field(False, help="also evaluate with guidance (the default evaluation is unguided)")
+    step_reward: Literal["next_state", "guided_state"] = field("next_state", help="euphonium's process step reward: r(x_{k+1}), the state step k leads to, on every trained step (next_state), or r(x_k), the state whose gradient steered step k, on the window's steps only (guided_state: the reference's)")
 
     def __post_init__(self):
         check(finite(self.scale) and self.scale >= 0, f"scale={self.scale}: must be finite and >= 0")
@@ -158,6 +159,7 @@ class FlowConfig:
     sde_window: Optional[list[int]] = field(None, help="[start, stop): SDE only on these steps, ODE elsewhere (Flow-GRPO-Fast)")
     same_noise_per_prompt: bool = field(False, help="one initial noise per prompt's group (DanceGRPO)")
     timestep_fraction: float = field(1.0, help="fraction of the SDE steps trained per iteration, drawn at random (DanceGRPO)")
+    timestep_subset: Literal["batch", "sample"] = field("batch", help="with timestep_fraction < 1: one random subset of the steps for the whole batch (batch), or one per sample (sample: DanceGRPO's per-sample permutations)")
     steps_per_backward: int = field(0, help="denoising steps per forward/backward chunk (0: all at once)")
     micro_batch: int = field(0, help="samples per forward/backward chunk; gradients accumulate over chunks (0: the whole minibatch)")
     rewards: dict[str, Any] = field(default_factory=lambda: {"digits": {"weight": 1.0}},

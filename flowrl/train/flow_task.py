@@ -6,7 +6,8 @@ does comes from its adapter through :class:`flowrl.flow.pipeline.FlowPipeline`. 
 The batch: one action per trained denoising step (T = trained steps, ``step[b, t] = t``) with the kernel's
 log-prob as ``old_logp``; ``outcome`` is the combined outcome reward and ``step_reward`` whatever the algorithm's
 ``step_rewards`` returns. Beside the batch, ``side`` holds the trajectory (``traj``), the trained steps
-(``steps`` long [T]) and the rank's prompts, for the algorithm's update.
+(``steps`` long [T], or long [b, T] with ``flow.timestep_subset: sample``: row b's own steps) and the rank's
+prompts, for the algorithm's update.
 
 Distribution: the global batch (P prompts x G samples) is split into contiguous row blocks, one per
 rank; the noise of every row is drawn for the global batch from the iteration's seed, so R ranks sample
@@ -144,8 +145,12 @@ class FlowTask(TaskBase):
         sde = traj.sde_steps
         if fc.timestep_fraction < 1.0:  # DanceGRPO: train a random subset of the SDE steps
             n = max(1, int(round(fc.timestep_fraction * len(sde))))
-            sde = sde[torch.randperm(len(sde), generator=g)[:n].sort().values.to(sde.device)]
-        T = len(sde)
+            if fc.timestep_subset == "sample":  # DanceGRPO: each sample its own subset, drawn for the global batch
+                pick = torch.rand(B, len(sde), generator=g).argsort(dim=1)[rows, :n].sort(dim=1).values
+                sde = sde[pick.to(sde.device)]
+            else:
+                sde = sde[torch.randperm(len(sde), generator=g)[:n].sort().values.to(sde.device)]
+        T = sde.shape[-1]
         dev = self.pipe.device
         step_reward = self.algorithm.step_rewards(self, traj, sde, local_prompts)
         scored = {k: parts[k].float() for k in self.reward.weights}
@@ -153,7 +158,7 @@ class FlowTask(TaskBase):
             group=(it * P + rows // G).to(dev),
             mask=valid[:, None].expand(b, T).to(dev).clone(),
             step=torch.arange(T, device=dev).expand(b, T).clone(),
-            old_logp=traj.log_probs[:, sde].float(),
+            old_logp=traj.log_probs.gather(1, sde.expand(b, T)).float(),
             outcome=outcome.float().to(dev),
             outcome_parts={k: v.to(dev) for k, v in scored.items()},
             step_reward=step_reward,

@@ -36,6 +36,8 @@ class FlowAlgorithm(Algorithm):
     """A training algorithm for flow-matching models (see the module docstring). Plain, it is Flow-GRPO."""
 
     family = "flow"
+    # whether the hooks take each sample's own trained steps (``steps`` long [B, T], flow.timestep_subset: sample)
+    per_sample_steps: bool = False
 
     # ------------------------------------------------------------------ config-time hooks
     @classmethod
@@ -51,6 +53,9 @@ class FlowAlgorithm(Algorithm):
                              f"{pipeline_names('flow')}")
         if cls.uses_guidance(cfg) and not fc.process_reward:
             raise ValueError("flow.guidance.enabled needs flow.process_reward (the model whose gradient steers)")
+        if fc.timestep_subset == "sample" and fc.timestep_fraction < 1.0 and not cls.per_sample_steps:
+            raise ValueError(f"flow.timestep_subset=sample: algorithm {cls.name!r} trains one set of steps for the whole "
+                             "batch; use flow.timestep_subset=batch (per-sample subsets: dance_grpo, euphonium)")
 
     @classmethod
     def uses_guidance(cls, cfg: Any) -> bool:

@@ -2,7 +2,7 @@
 with an optional KL to the reference policy (Flow-GRPO, Liu et al., 2025; DanceGRPO; TP-GRPO; Euphonium)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import Tensor
@@ -15,7 +15,34 @@ if TYPE_CHECKING:  # types only
     from flowrl.train.task import Rollout
 
 
-def ppo_backward(task: "FlowTask", roll: "Rollout", index: Tensor, batch: TrajectoryBatch, adv: Tensor) -> dict:
+def chunk_steps(steps: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """Denoising step of each (trained step, sample) pair of a chunk, flattened step-major ([c * r]: all rows of
+    cols[0], then of cols[1], ...) as the recompute takes them. steps: long [T] (shared by every sample) or
+    long [B, T] (each sample its own, ``flow.timestep_subset: sample``); rows long [r] index its rows."""
+    if steps.dim() == 1:
+        return steps[cols].repeat_interleave(len(rows))
+    return steps[rows.to(steps.device)][:, cols.to(steps.device)].T.reshape(-1)
+
+
+def policy_loss_columns(cfg: Any, logp: Tensor, old_logp: Tensor, columns: dict[str, tuple[float, Tensor]],
+                        mask: Tensor) -> tuple[Tensor, dict]:
+    """sum_k w_k L(logp, old_logp, A_k): one policy loss (``loss.name``, e.g. PPO-clip, each column clipped on its
+    own) per advantage column, weighted (DanceGRPO's multi-reward loss). columns: name -> (w_k, A_k float [b, T]).
+    Metrics: each column's with ``/<name>`` appended, their mean over the columns under the plain names (the
+    ratio metrics are the same in every column), and ``policy/loss`` = the weighted sum."""
+    total, metrics = 0.0, {}
+    for name, (w, a) in columns.items():  # a handful of reward columns, not samples
+        loss, lm = compute_policy_loss(cfg.loss.name, logp, old_logp, a, mask, agg=cfg.loss.agg, **cfg.loss.params)
+        total = total + w * loss
+        for k, v in lm.items():
+            metrics[f"{k}/{name}"] = v
+            metrics[k] = metrics.get(k, 0.0) + v.detach() / len(columns)
+    metrics["policy/loss"] = total.detach()
+    return total, metrics
+
+
+def ppo_backward(task: "FlowTask", roll: "Rollout", index: Tensor, batch: TrajectoryBatch, adv: Tensor,
+                 columns: Optional[dict[str, tuple[float, Tensor]]] = None) -> dict:
     """Per-step policy loss (``loss.name``, e.g. PPO-clip) on the recomputed log-probs of minibatch ``index``.
 
     For trained step t of sample b the action is x_{k+1} with k = ``steps[t]``; its log-prob log N(x_{k+1};
@@ -25,7 +52,10 @@ def ppo_backward(task: "FlowTask", roll: "Rollout", index: Tensor, batch: Trajec
     ``flow.micro_batch`` samples x ``flow.steps_per_backward`` steps (0: all); each chunk's loss is weighted by its
     share of the valid actions, so the accumulated gradient equals one pass over the whole minibatch (exactly for
     token_mean; for the other aggregations whenever no sample is masked, as in a flow rollout where every sample
-    has the same steps). batch: b trajectories x T steps; adv float [b, T]. Returns the chunk-weighted metrics.
+    has the same steps). batch: b trajectories x T steps; adv float [b, T]. ``steps`` (``roll.side``) is long [T]
+    or long [B, T] (each sample its own steps: :func:`chunk_steps`). ``columns`` (name -> (w_k, A_k float [b, T]))
+    replaces the one policy loss on ``adv`` by sum_k w_k L(A_k) (:func:`policy_loss_columns`). Returns the
+    chunk-weighted metrics.
     """
     cfg, fc, traj, steps = task.cfg, task.cfg.flow, roll.side["traj"], roll.side["steps"]
     b, T = batch.mask.shape
@@ -42,12 +72,16 @@ def ppo_backward(task: "FlowTask", roll: "Rollout", index: Tensor, batch: Trajec
                 cols = torch.arange(t0, min(t0 + tc, T), device=dev)
                 c, r = len(cols), len(rsel)
                 rows = index.to(traj.latents.device)[rsel].repeat(c)
-                st = steps[cols].repeat_interleave(r)
+                st = chunk_steps(steps, index.to(dev)[rsel], cols)
                 out = recompute_log_prob(task.pipe, traj, st, index=rows)
                 logp = out.log_prob.view(c, r).T
                 m = batch.mask[rsel][:, cols]
-                loss, lm = compute_policy_loss(cfg.loss.name, logp, batch.old_logp[rsel][:, cols], adv[rsel][:, cols],
-                                               m, agg=cfg.loss.agg, **cfg.loss.params)
+                if columns is None:
+                    loss, lm = compute_policy_loss(cfg.loss.name, logp, batch.old_logp[rsel][:, cols], adv[rsel][:, cols],
+                                                   m, agg=cfg.loss.agg, **cfg.loss.params)
+                else:  # one clipped loss per advantage column (DanceGRPO's several rewards)
+                    chunk = {k: (w, a[rsel][:, cols]) for k, (w, a) in columns.items()}
+                    loss, lm = policy_loss_columns(cfg, logp, batch.old_logp[rsel][:, cols], chunk, m)
                 if cfg.loss.kl_beta > 0:
                     with torch.no_grad(), task.reference() as ref:
                         ref_mean = recompute_log_prob(ref, traj, st, index=rows).mean
