@@ -163,7 +163,10 @@ def _meta_model(root: Path, sub: Optional[str], library: str, class_name: str):
         if hasattr(cls, "load_config"):  # diffusers ModelMixin
             return cls.from_config(cls.load_config(str(where)))
         config = cls.config_class.from_pretrained(str(where))
-        return cls(config)
+        model = cls(config)
+    if hasattr(model, "tie_weights"):  # from_pretrained ties shared embeddings (T5's); counted once, as loaded
+        model.tie_weights()
+    return model
 
 
 def _module_sizes(model, dtype: str) -> tuple[int, int]:
@@ -378,6 +381,7 @@ def _llm_estimate(est: MemoryEstimate, cfg, root: Path, world: int) -> None:
     config = AutoConfig.from_pretrained(str(root))
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # tied input / output embeddings count once, as from_pretrained loads them
     dtype = cfg.llm.dtype
     n, b = _module_sizes(model, dtype)
     est.components.append(ComponentSize("model", n, b, dtype))
@@ -487,8 +491,10 @@ def _gb(b: int) -> str:
     return f"{b / 2**30:8.2f} GiB"
 
 
-def run_preflight(cfg, config_path: str = "", *, out=sys.stdout) -> tuple[int, list[str]]:
-    """Print the checks and the memory table of ``cfg``; returns (exit status 0 or 2, failure sentences)."""
+def run_preflight(cfg, config_path: str = "", *, out=None) -> tuple[int, list[str]]:
+    """Print the checks and the memory table of ``cfg`` (to ``out``, default stdout); returns (exit status 0 or
+    2, failure sentences)."""
+    out = out if out is not None else sys.stdout
     failures: list[str] = []
 
     def row(status: str, what: str, text: str) -> None:
