@@ -170,7 +170,9 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
         keys, value = parse_override(text)
         node = out
         for k in keys[:-1]:
-            node = node.setdefault(k, {})
+            if node.get(k) is None:  # an unset (null) mapping setting, e.g. loss.params: set only what is given
+                node[k] = {}
+            node = node[k]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {k!r} is not a section")
         node[keys[-1]] = value

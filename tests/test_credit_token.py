@@ -156,6 +156,70 @@ def test_prime_hand_worked():
     assert_close(compute_advantages("prime", hand, prm_logp=prm, granularity="token", gamma=0.999999), want, atol=1e-4)
 
 
+def prime_code_ref(d, acc, mask, n, rm_coef=5.0, gt_coef=5.0, beta=0.05):
+    """PRIME's released code for granularity "token", prime_norm "batch_norm", transcribed loop for loop: right-padded
+    rows, groups of ``n`` consecutive rows. Token score beta * d on the valid tokens (beta cancels in the norm), divided
+    by (max |reverse cumsum| + 1e-6) over the batch (reference: PRIME-RL/PRIME training/verl/workers/actor/
+    dp_prime.py, ``prime_norm``); RLOO per source over its reward positions, each source times its coefficient
+    (reward_dpo_coef / reward_gt_coef), summed, reverse cumsum, masked_whiten (unbiased var, + 1e-8) (reference:
+    volcengine/verl recipe/prime/prime_core_algos.py, ``compute_rloo_advantage_return``)."""
+    d, mask = d.double(), mask.bool()
+    scores = torch.where(mask, beta * d, torch.zeros_like(d))
+    rc = scores.flip(dims=[1]).cumsum(dim=-1).flip(dims=[1])
+    scores = scores / (rc.abs().max() + 1e-6)
+
+    def masked_rloo(r0, m):
+        r = r0.clone()
+        r[~m] = 0
+        for start in range(0, r.shape[0], n):
+            means = torch.cat([r[pos:pos + 1][m[pos:pos + 1]].mean(dim=0, keepdim=True) for pos in range(start, start + n)])
+            base = means.sum() / (n - 1)
+            blk, mb = r[start:start + n], m[start:start + n]
+            blk[mb] = blk[mb] * (n / (n - 1)) - base
+        return r
+
+    lengths = mask.sum(-1)
+    gt, gt_mask = torch.zeros_like(d), torch.zeros_like(mask)
+    rows = torch.arange(d.shape[0])
+    gt_mask[rows, lengths - 1] = True
+    gt[rows, lengths - 1] = acc.double()
+    final = masked_rloo(scores, mask) * rm_coef + masked_rloo(gt, gt_mask) * gt_coef
+    returns = (final * mask).flip(dims=[-1]).cumsum(dim=-1).flip(dims=[-1])
+    vals = returns[mask]
+    white = (returns - vals.mean()) * torch.rsqrt(vals.var(unbiased=True) + 1e-8)
+    return torch.where(mask, white, torch.zeros_like(white))
+
+
+def test_prime_batch_norm_hand_worked_and_as_primes_code():
+    """prime_norm = batch_norm (PRIME's default, configs/arith/prime.yaml): the hand-worked batch of
+    ``test_prime_hand_worked`` (d = [2, 0], [0, 0]; outcomes [0, 1]; K = 2). q = beta d = [0.1, 0]; max |reverse
+    cumsum| = 0.1, so the process rewards become [1, 0], [0, 0] (beta cancels); times rm_coef 5, RLOO: [7.5, -2.5],
+    [-2.5, -2.5]; returns [5, -2.5], [-5, -2.5] (without the norm: [0.5, -0.25], [-0.5, -0.25], a tenth of the
+    outcome's +-5). Plus the outcome's [-5, -5], [5, 5]: [0, -7.5], [0, 2.5]; mean -1.25, unbiased var 18.75.
+    Then random right-padded batches against the transcription of PRIME's code (``prime_code_ref``)."""
+    ref = torch.tensor([[-1.0, -0.5], [-0.7, -0.2]])
+    hand = TrajectoryBatch(group=torch.tensor([0, 0]), mask=torch.ones(2, 2, dtype=torch.bool),
+                           step=torch.zeros(2, 2, dtype=torch.long), old_logp=ref.clone(), ref_logp=ref,
+                           outcome=torch.tensor([0.0, 1.0]))
+    d = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+    ret = torch.tensor([[0.0, -7.5], [0.0, 2.5]], dtype=torch.float64)
+    want = (ret + 1.25) / math.sqrt(18.75 + 1e-8)
+    got = compute_advantages("prime", hand, prm_logp=ref + d, beta=0.05, rm_coef=5.0, outcome_coef=5.0, batch_norm=True)
+    assert_close(got, want, atol=1e-5)
+    assert_close(prime_code_ref(d, hand.outcome, hand.mask, 2), want, atol=1e-5)
+    g = torch.Generator().manual_seed(7)
+    for n, B, T in ((2, 6, 5), (4, 12, 9)):
+        lengths = torch.randint(1, T + 1, (B,), generator=g)
+        mask = torch.arange(T)[None, :] < lengths[:, None]
+        lp_ref = -torch.rand(B, T, generator=g) * 3
+        d = torch.randn(B, T, generator=g)
+        acc = (torch.rand(B, generator=g) > 0.5).float()
+        b = TrajectoryBatch(group=torch.arange(B) // n, mask=mask, step=torch.zeros(B, T, dtype=torch.long),
+                            old_logp=lp_ref.clone(), ref_logp=lp_ref, outcome=acc)
+        got = compute_advantages("prime", b, prm_logp=lp_ref + d, rm_coef=5.0, outcome_coef=5.0, batch_norm=True)
+        assert_close(got, prime_code_ref(d, acc, mask, n), atol=1e-4)
+
+
 def test_prime_uses_given_prm_logp():
     b = make_batch(torch.Generator().manual_seed(3))
     prm = b.old_logp + 0.5

@@ -13,7 +13,9 @@ losses it returns average to the single-process loss of the whole batch.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import copy
+import inspect
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +31,29 @@ AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mea
 KL_KINDS = ("k1", "k2", "k3")
 
 
-def register_loss(name: str):
+def register_loss(name: str, *, agg: Optional[str] = None, params: Optional[dict[str, Any]] = None):
     """Decorator: register a policy loss ``fn(logp, old_logp, adv, mask, *, agg, **params) -> (loss, metrics)``;
-    registering a taken name with another function is an error."""
-    return LOSSES.register(name)
+    registering a taken name with another function is an error.
+
+    ``agg`` and ``params`` are the loss's own defaults for a training config that names it and leaves
+    ``loss.agg`` / ``loss.params`` unset (see ``loss_defaults``); without them, the function's own ``agg``
+    default and no parameters (so its keyword defaults apply)."""
+    if agg is not None and agg not in AGG_MODES:
+        raise ValueError(f"register_loss({name!r}): agg={agg!r}; valid: {AGG_MODES}")
+    meta = {k: v for k, v in (("agg", agg), ("params", params)) if v is not None}
+    return LOSSES.register(name, **meta)
+
+
+def loss_defaults(name: str) -> dict[str, Any]:
+    """{"agg": str, "params": dict}: what a training config that names loss ``name`` gets for an unset
+    ``loss.agg`` / ``loss.params``: the ones given to ``register_loss``, else the function's own ``agg`` default
+    ("token_mean" when it has none) and {} (its keyword defaults apply). A value the config sets always wins."""
+    fn, meta = LOSSES[name], LOSSES.meta(name)
+    agg = meta.get("agg")
+    if agg is None:
+        p = inspect.signature(fn).parameters.get("agg")
+        agg = "token_mean" if p is None or p.default is p.empty else p.default
+    return {"agg": agg, "params": copy.deepcopy(meta.get("params", {}))}
 
 
 def compute_policy_loss(
@@ -172,7 +193,9 @@ def _ratio_metrics(
     }
 
 
-@register_loss("ppo_clip")
+# A config naming ppo_clip without parameters gets Flow-GRPO's clip 1e-4 and advantage clip 5 (the default
+# algorithm is flow_grpo; reference: yifan123/flow_grpo config/grpo.py); LLM configs set their own (eps 0.2).
+@register_loss("ppo_clip", agg="token_mean", params={"eps_low": 1e-4, "adv_clip": 5.0})
 def ppo_clip(
     logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, agg: str = "token_mean",
     eps_low: float = 0.2, eps_high: Optional[float] = None, dual_clip: Optional[float] = None,
@@ -242,7 +265,9 @@ class _ClippedSurrogate(torch.autograd.Function):
         return (grad_loss * grad).to(ctx.logp_dtype), None, None, None, None, None, None, None
 
 
-@register_loss("gspo")
+# GSPO's own defaults (Zheng et al., arXiv 2507.18071, Sec. 5.1: clip 3e-4 / 4e-4; verl's GSPO example:
+# seq-mean-token-mean, reference: volcengine/verl examples/gspo_trainer/test_gspo_3b_math.sh)
+@register_loss("gspo", agg="seq_mean_token_mean", params={"eps_low": 3e-4, "eps_high": 4e-4})
 def gspo(
     logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, agg: str = "seq_mean_token_mean",
     eps_low: float = 3e-4, eps_high: float = 4e-4, is_weights: Optional[Tensor] = None, max_len: Optional[int] = None,

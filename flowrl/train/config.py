@@ -63,10 +63,29 @@ class AdvantageConfig:
 @dataclass
 class PolicyLossConfig:
     name: str = field("ppo_clip", help="registered policy loss (flowrl.core.LOSSES)")
-    agg: str = field("token_mean", help="loss aggregation: token_mean | seq_mean_token_mean | seq_mean_token_sum | seq_mean_token_sum_norm")
-    params: dict[str, Any] = field(default_factory=lambda: {"eps_low": 1e-4, "adv_clip": 5.0},
-                                   help="keyword parameters of the loss (eps_low/eps_high/dual_clip/adv_clip ...)")
+    agg: Optional[str] = field(None, help="loss aggregation: token_mean | seq_mean_token_mean | seq_mean_token_sum | "
+                               "seq_mean_token_sum_norm; null: the loss's own (ppo_clip: token_mean, gspo: seq_mean_token_mean)")
+    params: Optional[dict[str, Any]] = field(None, help="keyword parameters of the loss (eps_low/eps_high/dual_clip/adv_clip "
+                                             "...), the whole mapping: a key left out takes the loss function's own default; "
+                                             "null: the loss's registered defaults (ppo_clip: {eps_low: 1e-4, adv_clip: 5.0}, "
+                                             "Flow-GRPO's; gspo: {eps_low: 3e-4, eps_high: 4e-4})")
     kl_beta: float = field(0.0, help="weight of the KL to the reference policy in the loss (0 = no reference pass)")
+
+    def __post_init__(self):
+        check(self.agg is None or isinstance(self.agg, str), f"agg={self.agg!r}: must be an aggregation name or null")
+        check(self.params is None or isinstance(self.params, dict),
+              f"params={self.params!r}: must be a mapping of the loss's keyword parameters, or null")
+
+    def resolve_defaults(self) -> None:
+        """Fill an unset ``agg`` / ``params`` from the registered loss's own defaults
+        (``flowrl.core.losses.loss_defaults``); a value the config sets is kept."""
+        from flowrl.core.losses import loss_defaults
+
+        own = loss_defaults(self.name)
+        if self.agg is None:
+            self.agg = own["agg"]
+        if self.params is None:
+            self.params = own["params"]
 
 
 @dataclass
@@ -361,6 +380,7 @@ def validate_train_config(cfg: "TrainConfig") -> None:
         loss = LOSSES[cfg.loss.name]
     except UnknownNameError as e:
         raise ValueError(str(e)) from None
+    cfg.loss.resolve_defaults()  # after the plug-ins: a plug-in loss brings its own defaults
     check_params("advantage estimator", cfg.advantage.estimator, estimator, cfg.advantage.params, skip=1)
     check_params("policy loss", cfg.loss.name, loss, {"agg": cfg.loss.agg, **cfg.loss.params}, skip=4)
     check(cfg.loss.agg in AGG_MODES, f"loss.agg={cfg.loss.agg!r}: valid: {list(AGG_MODES)}")
