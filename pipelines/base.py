@@ -175,6 +175,20 @@ class FlowAdapterBase:
                 raise ValueError(f"{len(neg)} negative prompts for {b} prompts")
             texts += neg
         return texts, b
+    # The gradient through classifier-free guidance in ``velocity`` (see ``cfg_velocity``); the trainer sets it
+    # for its log-prob recompute with ``cfg_gradient``.
+    cfg_grad: str = "both"
+    # Latents decoded per VAE call (0: all at once); a 512x512 VAE decode's activations grow with the batch, so
+    # the trainer sets it from flow.decode_batch. Each sample is decoded independently of the others, so chunks
+    # give the same images (up to the last bits of batch-size-dependent kernels).
+    decode_batch: int = 0
+
+    def decode_in_chunks(self, x: Tensor, decode_one: Callable[[Tensor], Tensor]) -> Tensor:
+        """``decode_one`` over rows of ``x`` in chunks of :attr:`decode_batch`, concatenated on the batch dim."""
+        n = int(self.decode_batch)
+        if n <= 0 or x.shape[0] <= n:
+            return decode_one(x)
+        return torch.cat([decode_one(x[i:i + n]) for i in range(0, x.shape[0], n)], dim=0)
 
     @property
     def denoiser(self) -> nn.Module:

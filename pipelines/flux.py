@@ -174,7 +174,11 @@ class FluxPipeline(FlowAdapterBase):
         return self.scheduler.sigmas.to(torch.float32).clone()
 
     def decode(self, x: Tensor) -> Tensor:
-        """Packed latents -> images float [B, 3, H, W] in [0, 1] (unpack, / scaling + shift, VAE decode)."""
+        """Packed latents -> images float [B, 3, H, W] in [0, 1] (unpack, / scaling + shift, VAE decode);
+        ``decode_batch`` latents per VAE call."""
+        return self.decode_in_chunks(x, self._decode)
+
+    def _decode(self, x: Tensor) -> Tensor:
         z = unpack_latents(x, self.latent_h, self.latent_w).to(self.vae.dtype)
         z = z / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
         return to_unit_range(self.vae.decode(z, return_dict=False)[0].float())

@@ -187,7 +187,10 @@ class SD3Pipeline(FlowAdapterBase):
 
     def decode(self, x: Tensor) -> Tensor:
         """Latents -> images float [B, 3, H, W] in [0, 1]: (x / scaling + shift) through the VAE, then (y + 1) / 2.
-        In pixel space (no VAE) the latents are the pixels in [-1, 1]."""
+        In pixel space (no VAE) the latents are the pixels in [-1, 1]. ``decode_batch`` latents per VAE call."""
+        return self.decode_in_chunks(x, self._decode)
+
+    def _decode(self, x: Tensor) -> Tensor:
         if self.vae is None:
             return to_unit_range(x.float())
         z = x.to(self.vae.dtype) / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)

@@ -141,7 +141,11 @@ class WanPipeline(FlowAdapterBase):
                          "(use UniPCMultistepScheduler(use_flow_sigmas=True) or FlowMatchEulerDiscreteScheduler)")
 
     def decode(self, x: Tensor) -> Tensor:
-        """Video latents [B, C, F', H', W'] -> frames float [B, F, 3, H, W] in [0, 1] (z * std + mean, VAE decode)."""
+        """Video latents [B, C, F', H', W'] -> frames float [B, F, 3, H, W] in [0, 1] (z * std + mean, VAE decode);
+        ``decode_batch`` latents per VAE call."""
+        return self.decode_in_chunks(x, self._decode)
+
+    def _decode(self, x: Tensor) -> Tensor:
         cfg = self.vae.config
         view = (1, cfg.z_dim, 1, 1, 1)
         mean = torch.tensor(cfg.latents_mean, device=x.device, dtype=torch.float32).view(view)

@@ -14,6 +14,8 @@ from flowrl.config import check, field, finite
 
 @dataclass
 class OptimConfig:
+    name: str = field("adamw", help="registered optimiser (flowrl.train.optim.OPTIMIZERS): adamw (torch), adamw_8bit "
+                                     "(bitsandbytes' 8-bit AdamW: CUDA only, optimiser state in 8 bits)")
     lr: float = field(1e-4, help="AdamW learning rate")
     weight_decay: float = field(0.0, help="AdamW weight decay")
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999], help="AdamW betas")
@@ -36,6 +38,12 @@ class LoraConfig:
     rank: int = field(8, help="LoRA rank r")
     alpha: float = field(16.0, help="LoRA alpha (scaling alpha / r)")
     target_modules: list[str] = field(default_factory=list, help="module names to adapt (empty: the adapter's default attention projections)")
+    fp32_params: bool = field(True, help="keep the trainable LoRA parameters (and so the optimiser state) in fp32 over a "
+                                          "bf16/fp16 base (Flow-GRPO's cast_training_params); false: the model's dtype")
+    init_from: Optional[str] = field(None, help="continue from an existing LoRA: a local diffusers LoRA (directory with "
+                                     "pytorch_lora_weights.safetensors, e.g. a run's lora/) or peft adapter (directory "
+                                     "with adapter_model.safetensors) or a .safetensors file; rank, alpha and "
+                                     "target_modules must be the adapter's (checked when the model loads)")
 
     def __post_init__(self):
         check(self.rank >= 1, f"rank={self.rank}: the LoRA rank must be >= 1")
@@ -120,6 +128,9 @@ class GuidanceConfig:
     step_reward: Literal["next_state", "guided_state"] = field("next_state", help="euphonium's process step reward: r(x_{k+1}), the state step k leads to, on every trained step (next_state), or r(x_k), the state whose gradient steered step k, on the window's steps only (guided_state: the reference's)")
 
     def __post_init__(self):
+    batch_size: int = field(0, help="flow: evaluation samples per sampler call (each call its own seed, eval.seed + chunk "
+                                    "index); the chunks are shared out over the ranks and the scores gathered. 0: one "
+                                    "call per rank (one process: the whole set in one call)")
         check(finite(self.scale) and self.scale >= 0, f"scale={self.scale}: must be finite and >= 0")
         check(self.kl_beta is None or (finite(self.kl_beta) and self.kl_beta > 0),
               f"kl_beta={self.kl_beta}: must be > 0 (or null: scale mode)")
@@ -128,6 +139,7 @@ class GuidanceConfig:
 
 
 @dataclass
+        check(self.batch_size >= 0, f"batch_size={self.batch_size}: must be >= 0 (0: one sampler call per rank)")
 class CriticConfig:
     """AC-Flow (actor-critic flow fine-tuning)."""
 
@@ -207,6 +219,9 @@ class FlowConfig:
             check_prompt_data(self)
         check(self.process_reward is None or "type" in self.process_reward,
               f"process_reward={self.process_reward}: needs a 'type' (a registered process reward)")
+    sample_batch: int = field(0, help="rollout micro-batch per rank: the sampler runs over chunks of this many samples "
+                                      "and the trajectories are concatenated (the same samples as one call; 0: one call)")
+    decode_batch: int = field(0, help="VAE decode chunk: latents are decoded this many at a time (0: all at once)")
 
 
 @dataclass
@@ -229,6 +244,11 @@ class LLMConfig:
     eval_data: Optional[str] = field(None, help="the evaluation rows: jsonl: a second JSONL file; hf: a split name or a local file "
                                                 "(None: hold out eval_fraction of the training file)")
     eval_fraction: float = field(0.1, help="jsonl/hf without eval_data: the fraction of rows held out for evaluation (a fixed draw)")
+        check(self.sample_batch >= 0, f"sample_batch={self.sample_batch}: must be >= 0 (0: the rank's rollout in one call)")
+        check(self.decode_batch >= 0, f"decode_batch={self.decode_batch}: must be >= 0 (0: decode all latents at once)")
+        check(not (self.sample_batch and self.guidance.enabled and self.guidance.estimator == "spsa"),
+              "sample_batch with guidance.estimator=spsa: SPSA directions are drawn per sampler call, so chunks would "
+              "not sample what one call samples; use estimator=autograd or sample_batch=0")
     prompt_column: str = field("prompt", help="jsonl/hf: the column holding the prompt (a string, or a chat conversation with chat_template)")
     answer_column: str = field("answer", help="jsonl/hf: the column that reaches the rewards as meta['answer'] (math_verify's reference)")
     tests_column: str = field("tests", help="jsonl/hf: the column that reaches the rewards as meta['tests'] (code_tests' unit tests)")
@@ -407,3 +427,6 @@ def check_trackers(cfg: "TrainConfig") -> None:
         check(t in cfg.trackers, f"tracker_init.{t}: {t!r} is not in trackers={cfg.trackers}; give init arguments "
                                  "only for requested trackers")
         check(isinstance(kw, dict), f"tracker_init.{t}: must be a mapping of init arguments; got {kw!r}")
+    from flowrl.train.optim import check_optimizer_name
+
+    check_optimizer_name(cfg.optim.name, key="optim.name")  # after the plug-ins, which may register optimisers

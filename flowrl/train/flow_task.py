@@ -27,7 +27,7 @@ from flowrl.core.dtypes import torch_dtype
 from flowrl.flow.guidance import Guidance
 from flowrl.flow.pipeline import OwnEvaluation, OwnReport, PromptDefaults, cond_select
 from flowrl.flow.sampler import progress_bars
-from flowrl.flow.sampler import rollout as flow_rollout
+from flowrl.flow.sampler import rollout_in_chunks
 from flowrl.pipelines.registry import load_pipeline
 from flowrl.train.config import TrainConfig
 from flowrl.train.flow_data import PromptSet, load_prompt_sets
@@ -59,6 +59,11 @@ class FlowTask(TaskBase):
                        "flow.model_path to a local diffusers folder"):
             self.pipe = load_pipeline(self.fc.model, self.fc.model_path, family="flow", device=accelerator.device,
                                       dtype=torch_dtype(self.fc.dtype, who="flow.dtype"), **self.fc.model_kwargs)
+        if self.fc.decode_batch:
+            if not hasattr(self.pipe, "decode_batch"):
+                raise ValueError(f"flow.decode_batch={self.fc.decode_batch}: the model adapter {self.fc.model!r} has no "
+                                 "decode_batch attribute (FlowAdapterBase's chunked decode); set flow.decode_batch=0")
+            self.pipe.decode_batch = self.fc.decode_batch
         if train_set is None:
             if not isinstance(self.pipe, PromptDefaults):
                 raise ValueError(f"no training prompts: set flow.prompts or flow.prompt_file (the model adapter "
@@ -68,6 +73,10 @@ class FlowTask(TaskBase):
         self.prompts, self.eval_prompts = train_set.prompts, self.eval_set.prompts
         if cfg.lora.enabled:
             self.pipe.add_lora(rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules or None)
+            if cfg.lora.fp32_params:  # LoRA in fp32 over the bf16/fp16 base (a no-op for an fp32 model)
+                from flowrl.pipelines.lora import upcast_trainable
+
+                upcast_trainable(self.pipe.trainable)
         else:
             self.pipe.trainable.requires_grad_(True)
         self.module: nn.Module = self.pipe.trainable
@@ -134,9 +143,11 @@ class FlowTask(TaskBase):
         cond = cond_select(self.pipe.encode_prompts([self.prompts[i] for i in uniq.tolist()],
                                                     cfg=fc.cfg_scale is not None), inv.to(self.pipe.device))
         sde_window = tuple(fc.sde_window) if fc.sde_window else None
-        traj = flow_rollout(self.pipe, local_prompts, num_steps=K, kind=fc.kind, noise_level=fc.noise_level,
-                            cfg_scale=fc.cfg_scale, sde_window=sde_window, guidance=self.guidance, cond=cond,
-                            noise=noise[rows.to(noise.device)], generator=generator, progress=self.show_progress)
+        # flow.sample_batch rows per sampler call (0: one call); the same trajectories as one call
+        traj = rollout_in_chunks(self.pipe, local_prompts, chunk=fc.sample_batch, num_steps=K, kind=fc.kind,
+                                 noise_level=fc.noise_level, cfg_scale=fc.cfg_scale, sde_window=sde_window,
+                                 guidance=self.guidance, cond=cond, noise=noise[rows.to(noise.device)],
+                                 generator=generator, progress=self.show_progress)
         outcome, parts, valid, metrics = self.reward.score(traj.samples, local_prompts,
                                                            self.prompt_set.meta(prompt_of_row.tolist()))
         metrics = dict(metrics)
@@ -193,27 +204,41 @@ class FlowTask(TaskBase):
     def _evaluate(self, n: int, seed: int, guidance: Optional[Guidance], kw: dict) -> dict[str, float]:
         if isinstance(self.pipe, OwnEvaluation):
             return self.pipe.evaluate(num_per_prompt=n, seed=seed, guidance=guidance, **kw)
-        from flowrl.flow.sampler import sample
+        from flowrl.train.flow_eval import scored_eval_parts
 
-        imgs = sample(self.pipe, self.eval_prompts, samples_per_prompt=n, seed=seed, guidance=guidance, **kw)
-        prompts = [p for p in self.eval_prompts for _ in range(n)]
-        outcome, parts, valid, metrics = self.reward.score(imgs, prompts, self.eval_set.meta_of(prompts))
+        # chunks of eval.batch_size shared out over the ranks, scores gathered (flowrl.train.flow_eval)
+        parts = scored_eval_parts(self._eval_sampler(guidance, kw), self._eval_scorer, self.eval_prompts, n, seed,
+                                  batch_size=self.cfg.eval.batch_size, rank=self.rank, world=self.world)
+        outcome, valid, metrics = self.reward.combine(parts)
         out = {k.removeprefix("reward/"): v for k, v in metrics.items()}
         out["reward"] = float(outcome[valid].mean())
         return out
 
-    def _save_grid(self, step: int, out_dir: Path, kw: dict) -> None:
+    def _eval_scorer(self, samples, prompts: list[str]):
+        """The run's rewards on evaluation samples, with the metadata columns of their prompts."""
+        return self.reward(samples, prompts, self.eval_set.meta_of(prompts))
+
+    def _eval_sampler(self, guidance: Optional[Guidance], kw: dict):
+        from flowrl.flow.sampler import sample
+
+        return lambda prompts, **a: sample(self.pipe, prompts, guidance=guidance, **kw, **a)
+
+    def _save_grid(self, step: int, out_dir: Path, kw: dict, write: bool = True) -> None:
         """``samples/step_<step>.png``: ``eval.grid_per_prompt`` samples of each evaluation prompt (fixed seed),
         each upscaled to at least ``eval.grid_min_px`` pixels and captioned with its reward under the run's
         rewards; video adds ``samples/step_<step>.gif`` (the grid of middle frames is the PNG)."""
-        from flowrl.flow.sampler import sample
         from flowrl.train import visuals
+        from flowrl.train.flow_eval import scored_eval_parts
 
         ec = self.cfg.eval
         n = ec.grid_per_prompt
-        imgs = sample(self.pipe, self.eval_prompts, samples_per_prompt=n, seed=ec.seed, **kw)
+        kept = []  # the images of each chunk, on the CPU when there are several chunks (eval.batch_size)
+        parts = scored_eval_parts(self._eval_sampler(None, kw), self._eval_scorer, self.eval_prompts, n, ec.seed,
+                                  batch_size=ec.batch_size, rank=0, world=1,
+                                  keep=lambda x, rows, p: kept.append(x if ec.batch_size <= 0 else x.cpu()))
+        imgs = kept[0] if len(kept) == 1 else torch.cat(kept)
         prompts = [p for p in self.eval_prompts for _ in range(n)]
-        outcome, _, valid, _ = self.reward.score(imgs, prompts, self.eval_set.meta_of(prompts))
+        outcome, valid, _ = self.reward.combine(parts)
         rewards = torch.where(valid.to(outcome.device), outcome.float(), torch.full_like(outcome.float(), float("nan")))
         captions = visuals.reward_captions(rewards, len(prompts))
         d = out_dir / "samples"

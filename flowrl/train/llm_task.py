@@ -103,6 +103,14 @@ class LLMTask(TaskBase):
 
         self.pipe = load_llm_pipeline(cfg, accelerator.device)
         self.module: nn.Module = self.pipe.model
+        if cfg.lora.init_from:  # continue from an existing peft LoRA: its weights in the trained adapter
+            from flowrl.pipelines.lora import load_lora_into
+
+            load_lora_into(self.module, cfg.lora.init_from)
+        if cfg.lora.enabled and cfg.lora.fp32_params:  # LoRA in fp32 over the bf16/fp16 base (no-op in fp32)
+            from flowrl.pipelines.lora import upcast_trainable
+
+            upcast_trainable(self.module)
         if cfg.gradient_checkpointing:
             self.pipe.enable_gradient_checkpointing()
         if not cfg.lora.enabled:

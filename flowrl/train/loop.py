@@ -35,6 +35,7 @@ from flowrl.train.config import TrainConfig
 from flowrl.train.ema import EMA
 from flowrl.train.metrics_log import MetricsLogger, plot_curves
 from flowrl.train.task import Task, iteration_generator
+from flowrl.train.optim import build_optimizer
 
 # Keys that may change between a run and its resume (they do not change what an iteration computes).
 RESUMABLE_KEYS = ("iterations", "max_minutes", "progress", "save_every", "trackers", "tracker_project", "run_name",
@@ -174,8 +175,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, task: 
     params = [p for p in task.module.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the task's module has no trainable parameter")
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay)
+    optimizer = build_optimizer(params, cfg.optim)  # optim.name: the registered optimiser (adamw by default)
     module, optimizer = acc.prepare(task.module, optimizer)
     task.set_forward_module(module)  # forward through the DDP/FSDP wrapper so gradients are synchronised
     ema = EMA(params, decay=cfg.ema.decay) if cfg.ema.enabled else None
