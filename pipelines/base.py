@@ -91,17 +91,36 @@ def check_cond(cond: Cond, keys: Sequence[str], batch: int, *, cfg_scale: Option
             raise ValueError(f"cond[{k!r}] has batch {cond[k].shape[0]}, x has batch {batch}")
 
 
+# How the gradient flows through classifier-free guidance (the value is the same for both):
+# "both": through both branches; "cond_only": the unconditional branch is detached.
+CFG_GRADS = ("both", "cond_only")
+
+
+def check_cfg_grad(cfg_grad: str) -> None:
+    if cfg_grad not in CFG_GRADS:
+        raise ValueError(f"cfg_grad={cfg_grad!r}; valid values are {CFG_GRADS}")
+
+
 def cfg_velocity(forward: Callable[[Tensor, Tensor, dict[str, Tensor]], Tensor], x: Tensor, sigma: Tensor, cond: Cond,
-                 keys: Sequence[str], cfg_scale: Optional[float]) -> Tensor:
+                 keys: Sequence[str], cfg_scale: Optional[float], cfg_grad: str = "both") -> Tensor:
     """v = forward(x, sigma, cond) or, with ``cfg_scale`` w, v_u + w (v_c - v_u) from one batched call [uncond; cond].
 
     ``forward(x [N, ...], sigma [N], c)`` takes ``c`` = {key: tensor [N, ...]} for ``keys``.
+    ``cfg_grad`` sets the gradient, never the value: "both" (default) backpropagates through both branches,
+    dv = w dv_c - (w - 1) dv_u, the exact gradient of the guided velocity the sampler used; "cond_only" detaches
+    the unconditional branch, dv = w dv_c, as one version of Flow-GRPO's training recompute does (reference:
+    yifan123/flow_grpo/scripts/train_sd3.py ``compute_log_prob``, ``noise_pred_uncond.detach()`` in the July 2025
+    revision; its later train_sd3.py, train_sd3_fast.py and train_wan2_1.py, and TP-GRPO's
+    scripts/my_train_sd3_fast.py, backpropagate through both).
     """
+    check_cfg_grad(cfg_grad)
     if cfg_scale is None:
         return forward(x, sigma, {k: cond[k] for k in keys})
     both = {k: torch.cat([cond[NEGATIVE_PREFIX + k], cond[k]], dim=0) for k in keys}
     v = forward(torch.cat([x, x], dim=0), torch.cat([sigma, sigma], dim=0), both)
     v_u, v_c = v.chunk(2, dim=0)
+    if cfg_grad == "cond_only":
+        v_u = v_u.detach()
     return v_u + cfg_scale * (v_c - v_u)
 
 
@@ -156,6 +175,9 @@ class FlowAdapterBase:
     # The trainer sets this to the DDP/FSDP-wrapped transformer so that forward passes synchronise gradients;
     # attribute reads (``config``) still go to ``transformer``.
     forward_module: Optional[nn.Module] = None
+    # The gradient through classifier-free guidance in ``velocity`` (see ``cfg_velocity``); the trainer sets it
+    # for its log-prob recompute with ``cfg_gradient``.
+    cfg_grad: str = "both"
 
     @property
     def trainable(self) -> nn.Module:
@@ -241,6 +263,17 @@ class FlowAdapterBase:
             yield self
         finally:
             self.transformer, self.forward_module = trained, fwd
+
+    @contextlib.contextmanager
+    def cfg_gradient(self, cfg_grad: str):
+        """Inside the block, ``velocity`` with a ``cfg_scale`` backpropagates as ``cfg_grad`` says ("both" or
+        "cond_only", see :func:`cfg_velocity`); the value of the velocity does not change."""
+        check_cfg_grad(cfg_grad)
+        old, self.cfg_grad = self.cfg_grad, cfg_grad
+        try:
+            yield self
+        finally:
+            self.cfg_grad = old
 
     @contextlib.contextmanager
     def lora_disabled(self):

@@ -153,7 +153,7 @@ class FluxPipeline(FlowAdapterBase):
             raise ValueError(f"x must be packed latents float [B, {n}, {c4}], got {tuple(x.shape)}")
         sigma = check_xsigma(x, sigma)
         check_cond(cond, self.cond_keys, x.shape[0], cfg_scale=cfg_scale)
-        return cfg_velocity(self._forward, x, sigma, cond, self.cond_keys, cfg_scale)
+        return cfg_velocity(self._forward, x, sigma, cond, self.cond_keys, cfg_scale, self.cfg_grad)
 
     def initial_noise(self, batch_size: int, *, generator: Optional[torch.Generator] = None) -> Tensor:
         """Packed eps [B, N, 4C], drawn as diffusers' FluxPipeline does (unpacked [B, C, h, w] noise, then packed)."""

@@ -167,7 +167,7 @@ class SD3Pipeline(FlowAdapterBase):
             raise ValueError(f"x must be float [B, {self.transformer.config.in_channels}, h, w], got {tuple(x.shape)}")
         sigma = check_xsigma(x, sigma)
         check_cond(cond, self.cond_keys, x.shape[0], cfg_scale=cfg_scale)
-        return cfg_velocity(self._forward, x, sigma, cond, self.cond_keys, cfg_scale)
+        return cfg_velocity(self._forward, x, sigma, cond, self.cond_keys, cfg_scale, self.cfg_grad)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

@@ -118,7 +118,7 @@ class WanPipeline(FlowAdapterBase):
                              f"got {tuple(x.shape)}")
         sigma = check_xsigma(x, sigma)
         check_cond(cond, self.cond_keys, x.shape[0], cfg_scale=cfg_scale)
-        return cfg_velocity(self._forward, x, sigma, cond, self.cond_keys, cfg_scale)
+        return cfg_velocity(self._forward, x, sigma, cond, self.cond_keys, cfg_scale, self.cfg_grad)
 
     def initial_noise(self, batch_size: int, *, generator: Optional[torch.Generator] = None) -> Tensor:
         """eps float [B, C, F', H', W'] (diffusers' ``randn_tensor``, as WanPipeline draws it)."""

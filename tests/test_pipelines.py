@@ -40,6 +40,25 @@ def wan_dir(tmp_path_factory):
     return build_tiny_wan(tmp_path_factory.mktemp("wan"))
 
 
+def assert_cfg_grad_cond_only(p, w: float) -> None:
+    """flow.cfg_grad=cond_only through a real adapter: the parameter gradient of the guided velocity is w times the
+    conditional branch's alone (autograd on a conditional-only call); "both" differs from it."""
+    cond = p.encode_prompts(PROMPTS, cfg=True)
+    x = p.initial_noise(2, generator=torch.Generator().manual_seed(4))
+    sigma, probe = torch.tensor([0.7, 0.4]), torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    params = [q for q in p.transformer.parameters() if q.requires_grad]
+    grad = lambda v: torch.autograd.grad((v * probe).sum(), params, allow_unused=True)
+    with p.cfg_gradient("cond_only"):
+        got = grad(p.velocity(x, sigma, cond, cfg_scale=w))
+    want = grad(p.velocity(x, sigma, {k: c for k, c in cond.items() if not k.startswith("negative_")}))
+    both = grad(p.velocity(x, sigma, cond, cfg_scale=w))
+    pairs = [(g, h, b) for g, h, b in zip(got, want, both) if h is not None]
+    assert len(pairs) > 0 and p.cfg_grad == "both"
+    for g, h, _ in pairs:
+        torch.testing.assert_close(g, w * h, atol=1e-5, rtol=1e-4)
+    assert any(not torch.allclose(g, b, atol=1e-5, rtol=1e-3) for g, _, b in pairs)
+
+
 # ------------------------------------------------------------------------------------------------ SD3
 def test_sd3_loads_offline_and_follows_protocol(sd3, sd3_dir):
     assert isinstance(sd3, FlowPipeline)
@@ -58,6 +77,7 @@ def test_sd3_loads_offline_and_follows_protocol(sd3, sd3_dir):
     torch.testing.assert_close(sig, sd3.scheduler.sigmas.float())
     t = torch.linspace(1.0, float(sd3.scheduler.sigma_min), 4, dtype=torch.float64)
     torch.testing.assert_close(sig[:4].double(), 3 * t / (1 + 2 * t), atol=1e-6, rtol=0)
+    assert_cfg_grad_cond_only(sd3, 4.5)
 
 
 def test_sd3_ode_matches_diffusers_pipeline(sd3, sd3_dir):
@@ -274,6 +294,7 @@ def test_flux_roundtrip_matches_diffusers_pipeline(flux_dir):
     traj = rollout(p, PROMPTS, num_steps=3, kind="flow_sde", cfg_scale=2.0, seed=1)
     for k in traj.sde_steps.tolist():
         assert float((recompute_log_prob(p, traj, k).log_prob - traj.log_probs[:, k]).abs().max()) < 1e-5
+    assert_cfg_grad_cond_only(p, 2.0)
     p.add_lora(rank=2)
     assert all("lora_" in n for n, q in p.trainable.named_parameters() if q.requires_grad)
 
@@ -303,6 +324,7 @@ def test_wan_video_roundtrip_matches_diffusers_pipeline(wan_dir):
     assert float(traj.samples.min()) >= 0 and float(traj.samples.max()) <= 1
     for k in traj.sde_steps.tolist():
         assert float((recompute_log_prob(p, traj, k).log_prob - traj.log_probs[:, k]).abs().max()) < 1e-5
+    assert_cfg_grad_cond_only(p, 5.0)
 
     # same ODE as diffusers' WanPipeline with an Euler flow scheduler (UniPC is a multistep solver, not our step)
     euler = FlowMatchEulerDiscreteScheduler(shift=3.0)

@@ -21,6 +21,9 @@ of a sample):
   std = sigma_next * sin(a * pi / 2),
   mean = (1 - sigma_next) * x0_hat + sqrt(sigma_next^2 - std^2) * x1_hat,
   so the noise coefficient of x_next is exactly sigma_next.
+
+Also here: the reference implementations' variants of the log-prob (:func:`gaussian_log_prob`'s ``form``,
+:func:`log_prob_in_form`) and of the KL to a reference policy (:func:`kernel_kl`), each chosen by name.
 """
 from __future__ import annotations
 
@@ -33,6 +36,12 @@ from torch import Tensor
 
 KINDS = ("ode", "flow_sde", "dance_sde", "cps")
 LOGP_REDUCTIONS = ("mean", "sum")
+# "density": the true Gaussian log-density; "flow_grpo_cps": the cps log-prob of Flow-GRPO and TP-GRPO,
+# -(x_next - mean)^2 without 1 / (2 std^2) and without constants (see :func:`gaussian_log_prob`).
+LOGP_FORMS = ("density", "flow_grpo_cps")
+# "true_kl": KL(N(mu, s^2 I) || N(mu_ref, s^2 I)) per element; "flow_grpo_sd3": Flow-GRPO's train_sd3.py
+# form, the same divided by 2 g^2 in place of 2 g^2 Delta (see :func:`kernel_kl`).
+KL_FORMS = ("true_kl", "flow_grpo_sd3")
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 SigmaLike = Union[float, Tensor]
@@ -127,25 +136,97 @@ def noise_scale(kind: str, sigma: Tensor, sigma_next: Tensor, noise_level: float
     raise ValueError(f"unknown kernel kind {kind!r}; valid kinds are {KINDS}")
 
 
-def gaussian_log_prob(sample: Tensor, mean: Tensor, std: Tensor, reduce: str = "mean") -> Tensor:
-    """True Gaussian log-density of ``sample`` under N(mean, std^2 I), reduced per sample.
+def _check_logp_form(form: str) -> None:
+    if form not in LOGP_FORMS:
+        raise ValueError(f"logp_form={form!r}; valid values are {LOGP_FORMS}")
 
-    Element-wise: -(sample - mean)^2 / (2 std^2) - log(std) - log(2 pi) / 2, then the mean (as Flow-GRPO
-    and DanceGRPO do) or the sum over all non-batch dimensions. Computed in float32.
+
+def gaussian_log_prob(sample: Tensor, mean: Tensor, std: Tensor, reduce: str = "mean", form: str = "density") -> Tensor:
+    """Log-probability of ``sample`` under N(mean, std^2 I), reduced per sample, in the form ``form``.
+
+    ``form="density"`` (flowrl's default): the true log-density, element-wise
+    -(sample - mean)^2 / (2 std^2) - log(std) - log(2 pi) / 2.
+    ``form="flow_grpo_cps"``: element-wise -(sample - mean)^2, no 1 / (2 std^2), no constants: Flow-GRPO's and
+    TP-GRPO's cps log-prob (reference: yifan123/flow_grpo/flow_grpo/diffusers_patch/sd3_sde_with_logprob.py,
+    branch ``sde_type == 'cps'``, "remove all constants"; the same code in
+    YunzeTong/TurningPoint-GRPO/flow_grpo/diffusers_patch/sd3_sde_with_logprob.py). It equals
+    2 std^2 (density + log std + log(2 pi) / 2), so its log-ratios are the density's times 2 std^2
+    (std = sigma_next sin(a pi / 2) for cps): a ratio clip range written for one form is a different
+    constraint in the other (the references pair this form with clip_range 1e-5).
+    Then the mean (as Flow-GRPO and DanceGRPO do) or the sum over all non-batch dimensions. Computed in float32.
     sample, mean: [B, ...]; std: [B]. Returns float32 [B].
     """
     if reduce not in LOGP_REDUCTIONS:
         raise ValueError(f"logp_reduce={reduce!r}; valid values are {LOGP_REDUCTIONS}")
+    _check_logp_form(form)
     sample = sample.float()
     mean = mean.float()
     std = std.float()
     view = (-1,) + (1,) * (sample.dim() - 1)
     s = std.reshape(view)
-    lp = -((sample - mean) ** 2) / (2.0 * s * s) - s.log() - _LOG_SQRT_2PI
+    if form == "density":
+        lp = -((sample - mean) ** 2) / (2.0 * s * s) - s.log() - _LOG_SQRT_2PI
+    else:
+        lp = -((sample - mean) ** 2)
     if lp.dim() == 1:
         return lp
     dims = tuple(range(1, lp.dim()))
     return lp.mean(dim=dims) if reduce == "mean" else lp.sum(dim=dims)
+
+
+def log_prob_in_form(log_prob: Tensor, std: Tensor, numel: int, *, reduce: str = "mean",
+                     form: str = "density") -> Tensor:
+    """A true Gaussian log-density (``gaussian_log_prob(..., form="density")``) rewritten in the form ``form``.
+
+    std does not depend on the weights, so the other forms are affine in the density, per sample:
+    flow_grpo_cps, reduce mean: -mean (x - mu)^2 = 2 std^2 (log_prob + log std + log(2 pi) / 2);
+    reduce sum: -sum (x - mu)^2 = 2 std^2 (log_prob + numel (log std + log(2 pi) / 2)).
+    The trainer uses this to score stored actions in the reference form while the sampler records the
+    density (so a behaviour log-prob means the same whatever the form; the ratio with unchanged weights stays
+    exactly 1, and the gradient is the reference's: d/dtheta of -mean (x - mu)^2).
+    log_prob, std: float [B]; numel: elements per sample. Returns float32 [B] (log_prob itself for "density").
+    """
+    if reduce not in LOGP_REDUCTIONS:
+        raise ValueError(f"logp_reduce={reduce!r}; valid values are {LOGP_REDUCTIONS}")
+    _check_logp_form(form)
+    if form == "density":
+        return log_prob
+    s = std.float()
+    const = s.log() + _LOG_SQRT_2PI
+    return 2.0 * s * s * (log_prob.float() + (const if reduce == "mean" else numel * const))
+
+
+def kernel_kl(mean: Tensor, ref_mean: Tensor, std: Tensor, delta: Tensor, *, kind: str,
+              form: str = "true_kl") -> Tensor:
+    """KL penalty between the trained kernel N(mean, std^2 I) and the reference's N(ref_mean, std^2 I), per sample.
+
+    Both kernels share std (it depends only on the step), so the KL is a squared distance of the means:
+      - ``true_kl`` (flowrl's default): mean over the latent's elements of (mean - ref_mean)^2 / (2 std^2), the KL
+        of the two Gaussians per element, with std^2 = g^2 Delta for flow_sde / dance_sde. Flow-GRPO's Wan
+        script uses this form (reference: yifan123/flow_grpo/scripts/train_wan2_1.py, divided by
+        2 (std_dev_t * sqrt(-dt))^2).
+      - ``flow_grpo_sd3``: Flow-GRPO's SD3 / FLUX form (reference: yifan123/flow_grpo/scripts/train_sd3.py,
+        ``((prev_sample_mean - prev_sample_mean_ref) ** 2).mean(dim=(1,2,3), keepdim=True) / (2 * std_dev_t ** 2)``
+        then ``torch.mean`` over the batch): its std_dev_t is the diffusion coefficient g of the SDE, without
+        sqrt(Delta), so for flow_sde / dance_sde this is Delta * true_kl (a KL that weighs each step by its
+        length). For cps its std_dev_t is the kernel std itself, so the form equals true_kl there.
+    flowrl keeps ``true_kl`` by default: it is the KL of the actions the policy takes, its weight does not
+    depend on the number of steps or on the schedule (flow_grpo_sd3 at 10 steps, Delta ~ 0.1, is ~10x weaker
+    than at 1 step for the same beta); use ``flow_grpo_sd3`` with Flow-GRPO's beta to reproduce its SD3 recipes.
+
+    mean, ref_mean: [B, ...]; std, delta (= sigma - sigma_next): float [B]. Returns float32 [B] (then
+    aggregated over samples and steps like the policy loss).
+    """
+    if form not in KL_FORMS:
+        raise ValueError(f"kl_form={form!r}; valid values are {KL_FORMS}")
+    if kind not in KINDS or kind == "ode":
+        raise ValueError(f"kernel_kl: kind={kind!r} has no kernel density; valid kinds are {KINDS[1:]}")
+    dims = tuple(range(1, mean.dim()))
+    sq = (mean.float() - ref_mean.float()) ** 2
+    kl = (sq.mean(dim=dims) if dims else sq) / (2 * std.float() ** 2)
+    if form == "flow_grpo_sd3" and kind != "cps":
+        kl = kl * delta.float()
+    return kl
 
 
 def sde_step(
@@ -161,6 +242,7 @@ def sde_step(
     generator: Optional[torch.Generator] = None,
     drift: Optional[Tensor] = None,
     logp_reduce: str = "mean",
+    logp_form: str = "density",
 ) -> SDEStep:
     """One denoising step from ``sigma`` to ``sigma_next`` with the log-prob of the action taken.
 
@@ -181,8 +263,9 @@ def sde_step(
     ``log_prob`` is the true Gaussian log-density log N(prev_sample; mean, std^2 I), element-wise
     -(x_next - mean)^2 / (2 std^2) - log std - log(2 pi) / 2, reduced over all non-batch dimensions by
     the mean (``logp_reduce="mean"``, as the public implementations do) or the sum. flowrl keeps the
-    1/(2 std^2) factor and the constants for every kind (Flow-GRPO's code drops them for cps), so
-    ratio clip ranges in configs are set for the true density. The mean, std and log-prob are computed in
+    1/(2 std^2) factor and the constants for every kind by default, so ratio clip ranges in configs are set
+    for the true density; ``logp_form="flow_grpo_cps"`` (cps only) gives Flow-GRPO's and TP-GRPO's cps
+    log-prob -(x_next - mean)^2 instead (see :func:`gaussian_log_prob`). The mean, std and log-prob are computed in
     float32 whatever the input dtype (bf16 overflows there); a drawn sample is cast to x.dtype before its
     log-prob is taken, so the log-prob is that of the sample actually returned.
 
@@ -192,12 +275,17 @@ def sde_step(
 
     Errors: unknown kind, noise_level outside (0, inf) (flow_sde, dance_sde) or (0, 1] (cps), shapes
     that differ from x, sigma outside [0, 1], sigma_next >= sigma, both ``noise`` and ``prev_sample``,
-    cps to sigma_next == 0 (std 0, no density: take that step with the ODE). flow_sde and dance_sde
+    cps to sigma_next == 0 (std 0, no density: take that step with the ODE), an unknown ``logp_form`` or
+    ``logp_form="flow_grpo_cps"`` with another kind. flow_sde and dance_sde
     have std > 0 at every valid step, the last one to sigma 0 included.
     """
     check_noise_level(kind, noise_level)
     if logp_reduce not in LOGP_REDUCTIONS:
         raise ValueError(f"logp_reduce={logp_reduce!r}; valid values are {LOGP_REDUCTIONS}")
+    _check_logp_form(logp_form)
+    if logp_form == "flow_grpo_cps" and kind != "cps":
+        raise ValueError(f"logp_form='flow_grpo_cps' is the cps kernel's reference log-prob; kind={kind!r} "
+                         "takes logp_form='density'")
     if not isinstance(x, Tensor) or not isinstance(v, Tensor):
         raise TypeError("sde_step: x and v must be tensors")
     if x.dim() < 1:
@@ -262,5 +350,5 @@ def sde_step(
         if noise is None:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
         prev_sample = (mean + std.reshape(view) * noise.float()).to(x.dtype)
-    log_prob = gaussian_log_prob(prev_sample, mean, std, logp_reduce)
+    log_prob = gaussian_log_prob(prev_sample, mean, std, logp_reduce, logp_form)
     return SDEStep(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std=std)

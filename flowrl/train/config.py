@@ -187,6 +187,9 @@ class FlowConfig:
     kind: Literal["flow_sde", "dance_sde", "cps"] = field("flow_sde", help="SDE kernel of the rollouts")
     noise_level: float = field(0.7, help="kernel noise level (a in Flow-GRPO, eta in DanceGRPO, the cps angle)")
     cfg_scale: Optional[float] = field(None, help="classifier-free guidance scale (None: off)")
+    cfg_grad: Literal["both", "cond_only"] = field("both", help="gradient of the guided velocity in the training recompute (the value is unchanged): both = through both branches, w dv_c - (w-1) dv_u (the exact gradient; Flow-GRPO's train_sd3.py/train_wan2_1.py, TP-GRPO); cond_only = unconditional branch detached, w dv_c (the July 2025 train_sd3.py). Needs cfg_scale")
+    kl_form: Literal["true_kl", "flow_grpo_sd3"] = field("true_kl", help="KL to the reference (loss.kl_beta > 0): true_kl = ||mu - mu_ref||^2 / (2 g^2 Delta), the KL of the step kernels (Flow-GRPO's train_wan2_1.py); flow_grpo_sd3 = ||mu - mu_ref||^2 / (2 g^2) = Delta * true_kl (Flow-GRPO's train_sd3.py; equal to true_kl for cps)")
+    logp_form: Literal["density", "flow_grpo_cps"] = field("density", help="log-prob the policy loss sees: density = the true Gaussian log-density; flow_grpo_cps = -mean (x' - mu)^2, Flow-GRPO's and TP-GRPO's cps log-prob (kind cps only; the references pair it with a ratio clip of 1e-5)")
     sde_window: Optional[list[int]] = field(None, help="[start, stop): SDE only on these steps, ODE elsewhere (Flow-GRPO-Fast)")
     same_noise_per_prompt: bool = field(False, help="one initial noise per prompt's group (DanceGRPO)")
     timestep_fraction: float = field(1.0, help="fraction of the SDE steps trained per iteration, drawn at random (DanceGRPO)")
@@ -205,6 +208,10 @@ class FlowConfig:
               f"eval_num_steps={self.eval_num_steps}: must be >= 1 (or null: num_steps)")
         check(finite(self.noise_level) and self.noise_level >= 0, f"noise_level={self.noise_level}: must be finite and >= 0")
         check(self.cfg_scale is None or finite(self.cfg_scale), f"cfg_scale={self.cfg_scale}: must be finite (or null: off)")
+        check(self.cfg_grad == "both" or self.cfg_scale is not None,
+              f"cfg_grad={self.cfg_grad!r} has no effect without cfg_scale: set cfg_scale or leave cfg_grad 'both'")
+        check(self.logp_form == "density" or self.kind == "cps",
+              f"logp_form={self.logp_form!r} is the cps kernel's reference log-prob; kind={self.kind!r} takes 'density'")
         check(finite(self.timestep_fraction) and 0.0 < self.timestep_fraction <= 1.0,
               f"timestep_fraction={self.timestep_fraction}: must be in (0, 1]")
         check(self.sde_window is None or (len(self.sde_window) == 2 and 0 <= self.sde_window[0] < self.sde_window[1]),

@@ -2,6 +2,7 @@
 with an optional KL to the reference policy (Flow-GRPO, Liu et al., 2025; DanceGRPO; TP-GRPO; Euphonium)."""
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -9,10 +10,24 @@ from torch import Tensor
 
 from flowrl.core import TrajectoryBatch, aggregate, compute_policy_loss
 from flowrl.flow.sampler import recompute_log_prob
+from flowrl.flow.sde import kernel_kl, log_prob_in_form
 
 if TYPE_CHECKING:  # types only
     from flowrl.train.flow_task import FlowTask
     from flowrl.train.task import Rollout
+
+
+def cfg_gradient(pipe: Any, cfg_grad: str):
+    """The context in which ``pipe.velocity`` backpropagates through classifier-free guidance as ``flow.cfg_grad``
+    says ("both": nothing to set; "cond_only": the adapter's ``cfg_gradient``, which detaches the unconditional
+    branch). An adapter without ``cfg_gradient`` supports "both" only, and says so."""
+    if cfg_grad == "both":
+        return contextlib.nullcontext()
+    ctx = getattr(pipe, "cfg_gradient", None)
+    if ctx is None:
+        raise ValueError(f"flow.cfg_grad={cfg_grad!r}: the model adapter {type(pipe).__name__} has no cfg_gradient "
+                         "context (flowrl.pipelines.base.FlowAdapterBase has one); use flow.cfg_grad=both")
+    return ctx(cfg_grad)
 
 
 def chunk_steps(steps: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
@@ -48,7 +63,10 @@ def ppo_backward(task: "FlowTask", roll: "Rollout", index: Tensor, batch: Trajec
     For trained step t of sample b the action is x_{k+1} with k = ``steps[t]``; its log-prob log N(x_{k+1};
     mu_theta(x_k), s_k^2) is recomputed with the current weights and compared with ``batch.old_logp[b, t]``.
     With ``loss.kl_beta`` > 0 the loss adds beta * KL(N(mu, s^2) || N(mu_ref, s^2)) = beta * ||mu - mu_ref||^2 /
-    (2 s^2) (averaged over the latent's elements, aggregated like the loss). Accumulated over chunks of
+    (2 s^2) (averaged over the latent's elements, aggregated like the loss), or Flow-GRPO's SD3 form with
+    ``flow.kl_form`` (:func:`flowrl.flow.sde.kernel_kl`). ``flow.logp_form`` rewrites both log-probs in the
+    reference's cps form (:func:`flowrl.flow.sde.log_prob_in_form`); ``flow.cfg_grad`` sets the gradient through
+    classifier-free guidance (:func:`cfg_gradient`). Accumulated over chunks of
     ``flow.micro_batch`` samples x ``flow.steps_per_backward`` steps (0: all); each chunk's loss is weighted by its
     share of the valid actions, so the accumulated gradient equals one pass over the whole minibatch (exactly for
     token_mean; for the other aggregations whenever no sample is masked, as in a flow rollout where every sample
@@ -73,20 +91,27 @@ def ppo_backward(task: "FlowTask", roll: "Rollout", index: Tensor, batch: Trajec
                 c, r = len(cols), len(rsel)
                 rows = index.to(traj.latents.device)[rsel].repeat(c)
                 st = chunk_steps(steps, index.to(dev)[rsel], cols)
-                out = recompute_log_prob(task.pipe, traj, st, index=rows)
+                with cfg_gradient(task.pipe, fc.cfg_grad):
+                    out = recompute_log_prob(task.pipe, traj, st, index=rows)
                 logp = out.log_prob.view(c, r).T
+                old_logp = batch.old_logp[rsel][:, cols]
+                if fc.logp_form != "density":
+                    # a step's std does not depend on the weights, so out.std is the old log-prob's std too
+                    conv = dict(numel=out.mean[0].numel(), reduce=traj.logp_reduce, form=fc.logp_form)
+                    logp = log_prob_in_form(out.log_prob, out.std, **conv).view(c, r).T
+                    old_logp = log_prob_in_form(old_logp.T.reshape(-1), out.std, **conv).view(c, r).T
                 m = batch.mask[rsel][:, cols]
                 if columns is None:
-                    loss, lm = compute_policy_loss(cfg.loss.name, logp, batch.old_logp[rsel][:, cols], adv[rsel][:, cols],
+                    loss, lm = compute_policy_loss(cfg.loss.name, logp, old_logp, adv[rsel][:, cols],
                                                    m, agg=cfg.loss.agg, **cfg.loss.params)
                 else:  # one clipped loss per advantage column (DanceGRPO's several rewards)
                     chunk = {k: (w, a[rsel][:, cols]) for k, (w, a) in columns.items()}
-                    loss, lm = policy_loss_columns(cfg, logp, batch.old_logp[rsel][:, cols], chunk, m)
+                    loss, lm = policy_loss_columns(cfg, logp, old_logp, chunk, m)
                 if cfg.loss.kl_beta > 0:
                     with torch.no_grad(), task.reference() as ref:
                         ref_mean = recompute_log_prob(ref, traj, st, index=rows).mean
-                    dims = tuple(range(1, out.mean.dim()))
-                    kl = ((out.mean - ref_mean) ** 2).mean(dim=dims) / (2 * out.std ** 2)
+                    delta = traj.sigmas[st] - traj.sigmas[st + 1]
+                    kl = kernel_kl(out.mean, ref_mean, out.std, delta, kind=traj.kind, form=fc.kl_form)
                     kl = aggregate(kl.view(c, r).T, m, cfg.loss.agg)
                     loss = loss + cfg.loss.kl_beta * kl
                     lm["policy/kl"] = kl.detach()
