@@ -197,9 +197,6 @@ class FlowAdapterBase:
                 raise ValueError(f"{len(neg)} negative prompts for {b} prompts")
             texts += neg
         return texts, b
-    # The gradient through classifier-free guidance in ``velocity`` (see ``cfg_velocity``); the trainer sets it
-    # for its log-prob recompute with ``cfg_gradient``.
-    cfg_grad: str = "both"
     # Latents decoded per VAE call (0: all at once); a 512x512 VAE decode's activations grow with the batch, so
     # the trainer sets it from flow.decode_batch. Each sample is decoded independently of the others, so chunks
     # give the same images (up to the last bits of batch-size-dependent kernels).
