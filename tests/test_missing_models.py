@@ -23,7 +23,7 @@ def _train(tmp_path, config, *sets):
 @pytest.mark.parametrize("config,sets,model", [
     (ROOT / "configs/arith/grpo.yaml", ["llm.model=no-such-org/no-such-model", "progress=false"], "no-such-org/no-such-model"),
     (ROOT / "configs/sd3/flow_grpo_pickscore.yaml", ["flow.model_path=no-such-org/no-such-sd3", "flow.prompt_file=null",
-                                                    "flow.prompts=[a cat]", "progress=false"], "no-such-org/no-such-sd3"),
+                                                    "flow.eval_prompt_file=null", "flow.prompts=[a cat]", "progress=false"], "no-such-org/no-such-sd3"),
 ], ids=["llm", "sd3"])
 def test_a_missing_model_is_one_sentence(tmp_path, config, sets, model):
     r = _train(tmp_path, config, *sets)

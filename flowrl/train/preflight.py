@@ -117,7 +117,10 @@ def run_preflight(cfg, config_path: str = "", *, out=None) -> tuple[int, list[st
     except PreflightError as e:
         failures.append(str(e))
         row("FAIL", "model", str(e))
-    if est is not None:
+    if est is not None and not est.components:  # nothing to size (an adapter's own weights, a model not local)
+        for n in est.notes:
+            print(f"  memory: {n}", file=out)
+    elif est is not None:
         print(f"memory per rank (world size {world_size_of(None)}; DDP: every rank holds all of it)"
               f"{'' if est.complete else ' - INCOMPLETE'}:", file=out)
         for c in est.components:
