@@ -254,7 +254,7 @@ def run_one(model: str, args, workdir: Path) -> dict:
     row["estimate"], row["estimate_gib"] = estimate(cfg, model, base, args, workdir)
     print(f"   rollout {row['rollout_s']:.2f} s | reward {row['reward_s']:.2f} s | update {row['update_s']:.2f} s | "
           f"whole run {total:.1f} s (build and two evaluations included)")
-    print(f"   peak GPU memory: " + (f"{row['peak_gib']:.1f} GiB (weights {row['weights_gib']:.1f} GiB)" if cuda
+    print("   peak GPU memory: " + (f"{row['peak_gib']:.1f} GiB (weights {row['weights_gib']:.1f} GiB)" if cuda
                                      else "n/a (CPU)") + f" | estimate: {row['estimate']}")
     return row
 

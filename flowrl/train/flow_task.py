@@ -27,7 +27,7 @@ from flowrl.core.dtypes import torch_dtype
 from flowrl.flow.guidance import Guidance
 from flowrl.flow.pipeline import OwnEvaluation, OwnReport, PromptDefaults, cond_select
 from flowrl.flow.sampler import progress_bars
-from flowrl.flow.sampler import rollout_in_chunks
+from flowrl.flow.chunks import rollout_in_chunks
 from flowrl.pipelines.registry import load_pipeline
 from flowrl.train.config import TrainConfig
 from flowrl.train.flow_data import PromptSet, load_prompt_sets
