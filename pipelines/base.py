@@ -178,6 +178,17 @@ class FlowAdapterBase:
     # The gradient through classifier-free guidance in ``velocity`` (see ``cfg_velocity``); the trainer sets it
     # for its log-prob recompute with ``cfg_gradient``.
     cfg_grad: str = "both"
+    # Latents decoded per VAE call (0: all at once); a 512x512 VAE decode's activations grow with the batch, so
+    # the trainer sets it from flow.decode_batch. Each sample is decoded independently of the others, so chunks
+    # give the same images (up to the last bits of batch-size-dependent kernels).
+    decode_batch: int = 0
+
+    def decode_in_chunks(self, x: Tensor, decode_one: Callable[[Tensor], Tensor]) -> Tensor:
+        """``decode_one`` over rows of ``x`` in chunks of :attr:`decode_batch`, concatenated on the batch dim."""
+        n = int(self.decode_batch)
+        if n <= 0 or x.shape[0] <= n:
+            return decode_one(x)
+        return torch.cat([decode_one(x[i:i + n]) for i in range(0, x.shape[0], n)], dim=0)
 
     @property
     def trainable(self) -> nn.Module:
@@ -197,17 +208,6 @@ class FlowAdapterBase:
                 raise ValueError(f"{len(neg)} negative prompts for {b} prompts")
             texts += neg
         return texts, b
-    # Latents decoded per VAE call (0: all at once); a 512x512 VAE decode's activations grow with the batch, so
-    # the trainer sets it from flow.decode_batch. Each sample is decoded independently of the others, so chunks
-    # give the same images (up to the last bits of batch-size-dependent kernels).
-    decode_batch: int = 0
-
-    def decode_in_chunks(self, x: Tensor, decode_one: Callable[[Tensor], Tensor]) -> Tensor:
-        """``decode_one`` over rows of ``x`` in chunks of :attr:`decode_batch`, concatenated on the batch dim."""
-        n = int(self.decode_batch)
-        if n <= 0 or x.shape[0] <= n:
-            return decode_one(x)
-        return torch.cat([decode_one(x[i:i + n]) for i in range(0, x.shape[0], n)], dim=0)
 
     @property
     def denoiser(self) -> nn.Module:
@@ -227,11 +227,12 @@ class FlowAdapterBase:
                         target_modules=tuple(target_modules or self.default_lora_targets), dropout=dropout,
                         init_lora_weights=init_lora_weights, adapter_name=adapter_name)
 
-    def save_lora(self, directory: str | os.PathLike) -> None:
-        """Write the transformer's LoRA in diffusers' format (``pipe.load_lora_weights(directory)`` reads it)."""
+    def save_lora(self, directory: str | os.PathLike, *, state: Optional[dict[str, Tensor]] = None) -> None:
+        """Write the transformer's LoRA in diffusers' format (``pipe.load_lora_weights(directory)`` reads it);
+        ``state``: the whole state dict to take it from (an FSDP-sharded transformer's, gathered)."""
         from flowrl.pipelines.lora import save_lora
 
-        save_lora(self.transformer, directory, self.lora_loader_class)
+        save_lora(self.transformer, directory, self.lora_loader_class, state=state)
 
     def load_lora(self, directory: str | os.PathLike, *, adapter_name: str = "trained") -> None:
         """Load the LoRA that :meth:`save_lora` wrote into ``directory`` and make it the active adapter."""
@@ -299,3 +300,39 @@ class FlowAdapterBase:
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path} is missing (a weights file written by save_weights)")
         self.transformer.load_state_dict(load_file(str(path)), strict=True)
+
+
+class DiffusersExport:
+    """Mixin of the adapters whose ``transformer`` is a diffusers model: a full fine-tune exports in diffusers'
+    ``save_pretrained`` layout (the optional ``flowrl.flow.pipeline.SavesPretrained`` ability)."""
+
+    transformer: nn.Module
+    dtype: torch.dtype
+
+    def save_pretrained(self, directory: str | os.PathLike, *, state: Optional[dict[str, Tensor]] = None) -> None:
+        """The trained transformer in diffusers' ``save_pretrained`` layout: ``config.json`` and
+        ``diffusion_pytorch_model.safetensors`` (sharded with an index above 10 GB), so
+        ``<TransformerClass>.from_pretrained(directory)`` loads it, and a diffusers pipeline takes it as
+        ``Pipeline.from_pretrained(base_model, transformer=...)``. Only the transformer is written: the text
+        encoders and the VAE are the base model's, unchanged.
+
+        state: the whole state dict to write (gathered from the shards of an FSDP-sharded transformer); default
+        the transformer's own ``state_dict()``.
+        """
+        from huggingface_hub import save_torch_state_dict
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.transformer.save_config(str(directory))
+        state = state if state is not None else self.transformer.state_dict()
+        save_torch_state_dict({k: v.detach().contiguous() for k, v in state.items()}, str(directory),
+                              filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size="10GB")
+
+    def load_pretrained(self, directory: str | os.PathLike) -> None:
+        """Weights written by :meth:`save_pretrained` into the transformer (strict: every key must match)."""
+        directory = Path(directory)
+        if not (directory / "config.json").is_file():
+            raise FileNotFoundError(f"no transformer export at {directory} (config.json missing; save_pretrained "
+                                    "writes it)")
+        saved = type(self.transformer).from_pretrained(str(directory), torch_dtype=self.dtype)
+        self.transformer.load_state_dict(saved.state_dict(), strict=True)

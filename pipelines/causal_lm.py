@@ -152,14 +152,15 @@ class CausalLMPipeline:
         """Recompute activations in the backward pass (non-reentrant, so frozen inputs under LoRA work)."""
         self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    def export(self, out_dir: str | Path) -> None:
+    def export(self, out_dir: str | Path, state: Optional[dict] = None) -> None:
         """Save the adapters under ``out_dir/lora`` (LoRA) or the model (safetensors) and its tokenizer under
-        ``out_dir/model``; both load back with ``from_pretrained``."""
+        ``out_dir/model``; both load back with ``from_pretrained``. ``state``: the model's whole state dict to
+        write (gathered from an FSDP-sharded model); default the model's own."""
         out_dir = Path(out_dir)
         if self.is_lora:
-            self.model.save_pretrained(str(out_dir / "lora"))
+            self.model.save_pretrained(str(out_dir / "lora"), state_dict=state)
         else:
-            self.model.save_pretrained(str(out_dir / "model"), safe_serialization=True)
+            self.model.save_pretrained(str(out_dir / "model"), safe_serialization=True, state_dict=state)
             self.tokenizer.save_pretrained(str(out_dir / "model"))
 
     def load_export(self, out_dir: str | Path) -> None:

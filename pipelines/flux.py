@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from flowrl.flow.pipeline import Cond
-from flowrl.pipelines.base import (FlowAdapterBase, NEGATIVE_PREFIX, cfg_velocity, check_cond, check_num_steps,
+from flowrl.pipelines.base import (DiffusersExport, FlowAdapterBase, NEGATIVE_PREFIX, cfg_velocity, check_cond, check_num_steps,
                                    check_xsigma, freeze, load_component, load_model_index, to_unit_range, require_path)
 from flowrl.pipelines.registry import register_pipeline
 
@@ -61,7 +61,7 @@ def flux_mu(seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base
     return seq_len * m + base_shift - m * base_seq_len
 
 
-class FluxPipeline(FlowAdapterBase):
+class FluxPipeline(DiffusersExport, FlowAdapterBase):
     """FLUX.1 through the ``FlowPipeline`` protocol.
 
     Cond keys: ``prompt_embeds`` float [B, L, 4096], ``pooled_prompt_embeds`` float [B, 768] (and ``negative_`` twins

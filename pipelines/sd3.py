@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from flowrl.flow.pipeline import Cond
-from flowrl.pipelines.base import (FlowAdapterBase, NEGATIVE_PREFIX, cfg_velocity, check_cond, check_num_steps,
+from flowrl.pipelines.base import (DiffusersExport, FlowAdapterBase, NEGATIVE_PREFIX, cfg_velocity, check_cond, check_num_steps,
                                    check_xsigma, freeze, load_component, load_model_index, read_adapter_config,
                                    to_unit_range, require_path)
 from flowrl.pipelines.registry import register_pipeline
@@ -33,7 +33,7 @@ SD3_LORA_TARGETS = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "at
                     "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")
 
 
-class SD3Pipeline(FlowAdapterBase):
+class SD3Pipeline(DiffusersExport, FlowAdapterBase):
     """SD3 / SD3.5 (or the pixel-space digits model) seen through the ``FlowPipeline`` protocol.
 
     Cond keys: ``prompt_embeds`` float [B, L, D_joint], ``pooled_prompt_embeds`` float [B, D_pool] (and the

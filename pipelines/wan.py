@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from flowrl.flow.pipeline import Cond
-from flowrl.pipelines.base import (FlowAdapterBase, NEGATIVE_PREFIX, cfg_velocity, check_cond, check_num_steps,
+from flowrl.pipelines.base import (DiffusersExport, FlowAdapterBase, NEGATIVE_PREFIX, cfg_velocity, check_cond, check_num_steps,
                                    check_xsigma, flow_sigmas, freeze, load_component, load_model_index, to_unit_range, require_path)
 from flowrl.pipelines.registry import register_pipeline
 
@@ -30,7 +30,7 @@ def clean_prompt(text: str) -> str:
     return re.sub(r"\s+", " ", html.unescape(html.unescape(text)).strip()).strip()
 
 
-class WanPipeline(FlowAdapterBase):
+class WanPipeline(DiffusersExport, FlowAdapterBase):
     """Wan2.1 T2V through the ``FlowPipeline`` protocol.
 
     Cond keys: ``prompt_embeds`` float [B, L, D] (zeros past the prompt's tokens), with ``negative_prompt_embeds``

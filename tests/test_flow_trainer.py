@@ -51,7 +51,8 @@ def test_each_algorithm_runs_and_writes_its_outputs(sd3_dir, tmp_path, algo):
     assert [r["step"] for r in rows if r["split"] == "eval"] == [0, 1, 2]
     train_rows = [r for r in rows if r["split"] == "train"]
     assert len(train_rows) == 2 and all(torch.isfinite(torch.tensor(r["reward"])) for r in train_rows)
-    for f in ("metrics.jsonl", "report.md", "curves.png", "config.yaml", "model.safetensors", "samples/step_00002.png"):
+    for f in ("metrics.jsonl", "report.md", "curves.png", "config.yaml", "transformer/diffusion_pytorch_model.safetensors",
+              "samples/step_00002.png"):
         assert (out / f).exists(), f
     if algo == "ac_flow":
         assert {"critic/loss", "acflow/fm", "acflow/w2"} <= set(train_rows[-1])
@@ -69,7 +70,7 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(sd3_dir, tmp_path
     keys = ("step", "split", "reward", "policy/ratio_mean", "grad_norm")
     strip = lambda rows: [{k: r[k] for k in keys if k in r} for r in rows]
     assert strip(a) == strip(b)
-    wa, wb = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
+    wa, wb = (load_file(str(d / "transformer" / "diffusion_pytorch_model.safetensors")) for d in (full, part))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -198,7 +199,7 @@ def test_two_processes_equal_one(sd3_dir, tmp_path):
     parts = [torch.load(two / f"adv_{r}.pt") for r in (0, 1)]
     torch.testing.assert_close(torch.cat([p["reward"] for p in parts]), roll.batch.outcome)
     torch.testing.assert_close(torch.cat([p["adv"] for p in parts]), adv1, atol=1e-5, rtol=0)
-    w1, w2 = load_file(str(one / "run" / "model.safetensors")), load_file(str(two / "run" / "model.safetensors"))
+    w1, w2 = (load_file(str(d / "run" / "transformer" / "diffusion_pytorch_model.safetensors")) for d in (one, two))
     moved = max(float((w1[k] - task.module.state_dict()[k]).abs().max()) for k in w1)
     assert moved > 0  # the first update did something ...
     for k in w1:  # ... and the same thing on two processes

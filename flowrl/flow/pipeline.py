@@ -130,6 +130,20 @@ class OwnReport(Protocol):
     def report_plan(self) -> dict[str, list[str]]: ...
 
 
+@runtime_checkable
+class SavesPretrained(Protocol):
+    """Optional: an adapter whose full fine-tune exports in its library's ``from_pretrained`` layout (diffusers'
+    ``save_pretrained``: ``config.json`` + safetensors) instead of ``save_weights``' single file.
+
+    ``save_pretrained(directory, state=None)`` writes ``trainable`` (``state``: a whole state dict to write in its
+    place, gathered from an FSDP-sharded model); ``load_pretrained(directory)`` reads it back into ``trainable``.
+    """
+
+    def save_pretrained(self, directory: Any, *, state: Optional[dict[str, Tensor]] = None) -> None: ...
+
+    def load_pretrained(self, directory: Any) -> None: ...
+
+
 def cond_select(cond: Cond, index: Tensor) -> Cond:
     """Rows ``index`` of every conditioning tensor."""
     return {k: v[index] for k, v in cond.items()}

@@ -301,8 +301,10 @@ def load_checkpoint(ckpt: Checkpoint, *, fingerprint: Optional[str] = None, devi
             f"!= {fingerprint}); resume with the same config, or choose a new --out directory"
         )
     try:
-        model_state = load_file(str(ckpt.path / MODEL), device=str(device))
-        trainer_state = torch.load(ckpt.path / TRAINER, map_location=device, weights_only=True)
+        dev = torch.device(device)  # the loaders name the CPU "cpu" only (an FSDP rank's device is "cpu:0")
+        loc = "cpu" if dev.type == "cpu" else str(dev)
+        model_state = load_file(str(ckpt.path / MODEL), device=loc)
+        trainer_state = torch.load(ckpt.path / TRAINER, map_location=loc, weights_only=True)
     except Exception as e:  # damaged since it was chosen: one line, not a traceback from inside a loader
         raise CheckpointError(f"checkpoint {ckpt.path} does not load: {_one_line(e)}") from None
     return model_state, trainer_state, ckpt.meta
@@ -326,3 +328,70 @@ def set_rng_state(st: dict[str, Any]) -> None:
     random.setstate((st["python_version"], tuple(st["python"]), st["python_gauss"]))
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------- sharded state
+# Under FSDP2 (``fully_shard``) each trained parameter, its optimiser moments and its EMA shadow are DTensors
+# holding one shard per rank. Checkpoints always hold FULL tensors (the same files as a one-process run, so a run
+# can resume on another number of processes); these helpers gather before saving and re-shard after loading.
+# Gathering is a collective: every rank calls it, with the same tensors in the same order.
+
+
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support has no sharded tensors
+        return None
+    return DTensor
+
+
+def is_sharded(tensors) -> bool:
+    """Whether any of ``tensors`` is a sharded DTensor (the parameters of an FSDP2 module)."""
+    dt = _dtensor_type()
+    return dt is not None and any(isinstance(t, dt) for t in tensors)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` whole: a DTensor is all-gathered (collective), anything else is returned as it is."""
+    dt = _dtensor_type()
+    return t.full_tensor() if dt is not None and isinstance(t, dt) else t
+
+
+def shard_like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out as ``ref``: sharded over ``ref``'s mesh and placements when ``ref`` is a DTensor of the same
+    shape (collective; the data of rank 0 is what every rank gets), else ``full`` unchanged."""
+    dt = _dtensor_type()
+    if dt is None or not isinstance(ref, dt) or tuple(full.shape) != tuple(ref.shape):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(device=ref.device, dtype=ref.dtype), ref.device_mesh, ref.placements)
+
+
+def full_optimizer_state(state: dict) -> dict:
+    """An optimiser ``state_dict()`` with every DTensor in it gathered whole (collective)."""
+    out = dict(state)
+    out["state"] = {i: {k: full_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in sorted(s.items())}
+                    for i, s in sorted(state["state"].items())}
+    return out
+
+
+def shard_optimizer_state(state: dict, params: list[torch.Tensor]) -> dict:
+    """The inverse of :func:`full_optimizer_state` for an optimiser over ``params`` (in its param-group order):
+    each per-parameter tensor of the shape of its parameter is sharded like it (collective)."""
+    out = dict(state)
+    out["state"] = {i: {k: shard_like(v, params[int(i)]) if isinstance(v, torch.Tensor) else v
+                        for k, v in sorted(s.items())}
+                    for i, s in sorted(state["state"].items())}
+    return out
+
+
+def gather_state_dict(module: torch.nn.Module, keep: bool) -> Optional[dict[str, torch.Tensor]]:
+    """``module``'s whole state dict on CPU where ``keep`` (the main process), None elsewhere. Under FSDP2 every
+    rank must call it (each sharded tensor is all-gathered in turn, so one whole tensor at a time is on a device)."""
+    out = {}
+    for k, v in module.state_dict().items():
+        v = full_tensor(v)
+        if keep:
+            out[k] = v.detach().cpu()
+    return out if keep else None

@@ -48,6 +48,29 @@ class LoraConfig:
     def __post_init__(self):
         check(self.rank >= 1, f"rank={self.rank}: the LoRA rank must be >= 1")
         check(finite(self.alpha) and self.alpha > 0, f"alpha={self.alpha}: must be finite and > 0")
+        if self.init_from is not None:
+            check(self.enabled, f"init_from={self.init_from!r}: set lora.enabled=true to continue from a LoRA")
+            from pathlib import Path
+
+            p = Path(self.init_from)  # the names flowrl.pipelines.lora.lora_file reads (no torch import here)
+            check((p.is_file() and p.suffix == ".safetensors") or (p / "pytorch_lora_weights.safetensors").is_file()
+                  or (p / "adapter_model.safetensors").is_file(),
+                  f"init_from={self.init_from!r}: no LoRA there; give a .safetensors file or a directory holding "
+                  "pytorch_lora_weights.safetensors (diffusers) or adapter_model.safetensors (peft)")
+
+
+@dataclass
+class ExportConfig:
+    push_to_hub: Optional[str] = field(None, help="a Hugging Face Hub repo id (user/name) to upload the run's export "
+                                       "(lora/ or transformer/ or model/) to at the end, with a model card showing the "
+                                       "report's before/after samples; null: no upload (the default)")
+    private: bool = field(True, help="create the hub repo as private (push_to_hub only)")
+
+    def __post_init__(self):
+        if self.push_to_hub is not None:
+            parts = self.push_to_hub.split("/")
+            check(len(parts) == 2 and all(parts) and " " not in self.push_to_hub,
+                  f"push_to_hub={self.push_to_hub!r}: must be a hub repo id 'user/name' (or null: no upload)")
 
 
 @dataclass
@@ -105,6 +128,9 @@ class EvalConfig:
     grid_min_px: int = field(64, help="each grid sample is upscaled (nearest, integer factor) to at least this many pixels")
     video_fps: float = field(8.0, help="frame rate of the animated GIF of video samples")
     table_rows: int = field(16, help="LLM: completions (prompt, completion, reward) in the table sent to the trackers")
+    batch_size: int = field(0, help="flow: evaluation samples per sampler call (each call its own seed, eval.seed + chunk "
+                                    "index); the chunks are shared out over the ranks and the scores gathered. 0: one "
+                                    "call per rank (one process: the whole set in one call)")
 
     def __post_init__(self):
         check(self.every >= 1, f"every={self.every}: evaluate every this many iterations; must be >= 1")
@@ -113,6 +139,7 @@ class EvalConfig:
         check(1 <= self.grid_min_px <= 4096, f"grid_min_px={self.grid_min_px}: must be in [1, 4096]")
         check(finite(self.video_fps) and self.video_fps > 0, f"video_fps={self.video_fps}: must be finite and > 0")
         check(self.table_rows >= 0, f"table_rows={self.table_rows}: must be >= 0 (0: no table)")
+        check(self.batch_size >= 0, f"batch_size={self.batch_size}: must be >= 0 (0: one sampler call per rank)")
 
 
 @dataclass
@@ -128,9 +155,6 @@ class GuidanceConfig:
     step_reward: Literal["next_state", "guided_state"] = field("next_state", help="euphonium's process step reward: r(x_{k+1}), the state step k leads to, on every trained step (next_state), or r(x_k), the state whose gradient steered step k, on the window's steps only (guided_state: the reference's)")
 
     def __post_init__(self):
-    batch_size: int = field(0, help="flow: evaluation samples per sampler call (each call its own seed, eval.seed + chunk "
-                                    "index); the chunks are shared out over the ranks and the scores gathered. 0: one "
-                                    "call per rank (one process: the whole set in one call)")
         check(finite(self.scale) and self.scale >= 0, f"scale={self.scale}: must be finite and >= 0")
         check(self.kl_beta is None or (finite(self.kl_beta) and self.kl_beta > 0),
               f"kl_beta={self.kl_beta}: must be > 0 (or null: scale mode)")
@@ -139,7 +163,6 @@ class GuidanceConfig:
 
 
 @dataclass
-        check(self.batch_size >= 0, f"batch_size={self.batch_size}: must be >= 0 (0: one sampler call per rank)")
 class CriticConfig:
     """AC-Flow (actor-critic flow fine-tuning)."""
 
@@ -196,6 +219,9 @@ class FlowConfig:
     timestep_subset: Literal["batch", "sample"] = field("batch", help="with timestep_fraction < 1: one random subset of the steps for the whole batch (batch), or one per sample (sample: DanceGRPO's per-sample permutations)")
     steps_per_backward: int = field(0, help="denoising steps per forward/backward chunk (0: all at once)")
     micro_batch: int = field(0, help="samples per forward/backward chunk; gradients accumulate over chunks (0: the whole minibatch)")
+    sample_batch: int = field(0, help="rollout micro-batch per rank: the sampler runs over chunks of this many samples "
+                                      "and the trajectories are concatenated (the same samples as one call; 0: one call)")
+    decode_batch: int = field(0, help="VAE decode chunk: latents are decoded this many at a time (0: all at once)")
     rewards: dict[str, Any] = field(default_factory=lambda: {"digits": {"weight": 1.0}},
                                     help="outcome rewards {name: {weight, type, options}} (flowrl.rewards.build_rewards)")
     process_reward: Optional[dict[str, Any]] = field(None, help="process reward {type: registered name, ...options} for guidance / dual rewards")
@@ -218,6 +244,11 @@ class FlowConfig:
               f"sde_window={self.sde_window}: must be [start, stop) with 0 <= start < stop (or null: every step)")
         check(self.steps_per_backward >= 0, f"steps_per_backward={self.steps_per_backward}: must be >= 0 (0: all steps)")
         check(self.micro_batch >= 0, f"micro_batch={self.micro_batch}: must be >= 0 (0: the whole minibatch)")
+        check(self.sample_batch >= 0, f"sample_batch={self.sample_batch}: must be >= 0 (0: the rank's rollout in one call)")
+        check(self.decode_batch >= 0, f"decode_batch={self.decode_batch}: must be >= 0 (0: decode all latents at once)")
+        check(not (self.sample_batch and self.guidance.enabled and self.guidance.estimator == "spsa"),
+              "sample_batch with guidance.estimator=spsa: SPSA directions are drawn per sampler call, so chunks would "
+              "not sample what one call samples; use estimator=autograd or sample_batch=0")
         for key in ("dataset_size", "eval_size"):
             check(getattr(self, key) is None or getattr(self, key) >= 1, f"{key}={getattr(self, key)}: must be >= 1 (or null: all)")
         if self.prompt_source != "auto" or self.eval_split or self.eval_prompt_file:  # the sources' registry imports torch
@@ -226,9 +257,6 @@ class FlowConfig:
             check_prompt_data(self)
         check(self.process_reward is None or "type" in self.process_reward,
               f"process_reward={self.process_reward}: needs a 'type' (a registered process reward)")
-    sample_batch: int = field(0, help="rollout micro-batch per rank: the sampler runs over chunks of this many samples "
-                                      "and the trajectories are concatenated (the same samples as one call; 0: one call)")
-    decode_batch: int = field(0, help="VAE decode chunk: latents are decoded this many at a time (0: all at once)")
 
 
 @dataclass
@@ -251,11 +279,6 @@ class LLMConfig:
     eval_data: Optional[str] = field(None, help="the evaluation rows: jsonl: a second JSONL file; hf: a split name or a local file "
                                                 "(None: hold out eval_fraction of the training file)")
     eval_fraction: float = field(0.1, help="jsonl/hf without eval_data: the fraction of rows held out for evaluation (a fixed draw)")
-        check(self.sample_batch >= 0, f"sample_batch={self.sample_batch}: must be >= 0 (0: the rank's rollout in one call)")
-        check(self.decode_batch >= 0, f"decode_batch={self.decode_batch}: must be >= 0 (0: decode all latents at once)")
-        check(not (self.sample_batch and self.guidance.enabled and self.guidance.estimator == "spsa"),
-              "sample_batch with guidance.estimator=spsa: SPSA directions are drawn per sampler call, so chunks would "
-              "not sample what one call samples; use estimator=autograd or sample_batch=0")
     prompt_column: str = field("prompt", help="jsonl/hf: the column holding the prompt (a string, or a chat conversation with chat_template)")
     answer_column: str = field("answer", help="jsonl/hf: the column that reaches the rewards as meta['answer'] (math_verify's reference)")
     tests_column: str = field("tests", help="jsonl/hf: the column that reaches the rewards as meta['tests'] (code_tests' unit tests)")
@@ -374,6 +397,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig, help="optimiser")
     lora: LoraConfig = field(default_factory=LoraConfig, help="LoRA adapters")
     ema: EMAConfig = field(default_factory=EMAConfig, help="EMA of the trained weights")
+    export: ExportConfig = field(default_factory=ExportConfig, help="what happens to the trained weights at the end")
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig, help="advantage estimator")
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig, help="policy loss")
     eval: EvalConfig = field(default_factory=EvalConfig, help="evaluation")
@@ -407,8 +431,14 @@ def validate_train_config(cfg: "TrainConfig") -> None:
         loss = LOSSES[cfg.loss.name]
     except UnknownNameError as e:
         raise ValueError(str(e)) from None
+    from flowrl.train.optim import check_optimizer_name
+
+    check_optimizer_name(cfg.optim.name, key="optim.name")  # after the plug-ins, which may register optimisers
     cfg.loss.resolve_defaults()  # after the plug-ins: a plug-in loss brings its own defaults
     check_params("advantage estimator", cfg.advantage.estimator, estimator, cfg.advantage.params, skip=1)
+    validate_params = getattr(estimator, "validate_params", None)  # the estimator's own checks of the values
+    if validate_params is not None:
+        validate_params(**cfg.advantage.params)
     check_params("policy loss", cfg.loss.name, loss, {"agg": cfg.loss.agg, **cfg.loss.params}, skip=4)
     check(cfg.loss.agg in AGG_MODES, f"loss.agg={cfg.loss.agg!r}: valid: {list(AGG_MODES)}")
     check(finite(cfg.loss.kl_beta) and cfg.loss.kl_beta >= 0, f"loss.kl_beta={cfg.loss.kl_beta}: must be finite and >= 0")
@@ -434,6 +464,3 @@ def check_trackers(cfg: "TrainConfig") -> None:
         check(t in cfg.trackers, f"tracker_init.{t}: {t!r} is not in trackers={cfg.trackers}; give init arguments "
                                  "only for requested trackers")
         check(isinstance(kw, dict), f"tracker_init.{t}: must be a mapping of init arguments; got {kw!r}")
-    from flowrl.train.optim import check_optimizer_name
-
-    check_optimizer_name(cfg.optim.name, key="optim.name")  # after the plug-ins, which may register optimisers

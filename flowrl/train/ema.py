@@ -23,7 +23,8 @@ class EMA:
         self.shadow = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
-    def update(self, params: Iterable[nn.Parameter] | None = None) -> None:
+    def update(self) -> None:
+        """One averaging step of every shadow towards its parameter (shard by shard under FSDP2)."""
         torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - self.decay)
 
     @contextmanager
@@ -40,10 +41,17 @@ class EMA:
                     p.copy_(b)
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {f"shadow.{i}": s for i, s in enumerate(self.shadow)}
+        """The shadows whole (under FSDP2 each is gathered from its shards: a collective, call it on every rank)."""
+        from flowrl.train.checkpoint import full_tensor
 
+        return {f"shadow.{i}": full_tensor(s) for i, s in enumerate(self.shadow)}
+
+    @torch.no_grad()
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Whole shadows (as :meth:`state_dict` wrote them) into this EMA, re-sharded like its parameters."""
+        from flowrl.train.checkpoint import shard_like
+
         if len(state) != len(self.shadow):
             raise ValueError(f"EMA state has {len(state)} tensors; the model has {len(self.shadow)} trained parameters")
         for i, s in enumerate(self.shadow):
-            s.copy_(state[f"shadow.{i}"])
+            s.copy_(shard_like(state[f"shadow.{i}"], s))

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from flowrl.core import TrajectoryBatch
 from flowrl.core.dtypes import torch_dtype
 from flowrl.flow.guidance import Guidance
-from flowrl.flow.pipeline import OwnEvaluation, OwnReport, PromptDefaults, cond_select
+from flowrl.flow.pipeline import OwnEvaluation, OwnReport, PromptDefaults, SavesPretrained, cond_select
 from flowrl.flow.sampler import progress_bars
 from flowrl.flow.chunks import rollout_in_chunks
 from flowrl.pipelines.registry import load_pipeline
@@ -73,6 +73,10 @@ class FlowTask(TaskBase):
         self.prompts, self.eval_prompts = train_set.prompts, self.eval_set.prompts
         if cfg.lora.enabled:
             self.pipe.add_lora(rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules or None)
+            if cfg.lora.init_from:  # continue from an existing LoRA: its weights in the trained adapter
+                from flowrl.pipelines.lora import load_lora_into
+
+                load_lora_into(self.pipe.trainable, cfg.lora.init_from)
             if cfg.lora.fp32_params:  # LoRA in fp32 over the bf16/fp16 base (a no-op for an fp32 model)
                 from flowrl.pipelines.lora import upcast_trainable
 
@@ -195,8 +199,8 @@ class FlowTask(TaskBase):
                 if self.guidance is not None and fc.guidance.eval_guided:
                     g = self._evaluate(ec.num_per_prompt, ec.seed, self.guidance, kw)
                     m.update({f"guided/{k}": v for k, v in g.items() if k != "reward"})
-                if self.acc.is_main_process:
-                    self._save_grid(step, out_dir, kw)
+                # sampled on every rank (an FSDP-sharded model's forward is a collective), written by the main one
+                self._save_grid(step, out_dir, kw, write=self.acc.is_main_process)
         finally:
             self.module.train()
         return m
@@ -241,6 +245,8 @@ class FlowTask(TaskBase):
         outcome, valid, _ = self.reward.combine(parts)
         rewards = torch.where(valid.to(outcome.device), outcome.float(), torch.full_like(outcome.float(), float("nan")))
         captions = visuals.reward_captions(rewards, len(prompts))
+        if not write:
+            return
         d = out_dir / "samples"
         d.mkdir(parents=True, exist_ok=True)
         grid_kw = dict(prompts=self.eval_prompts, captions=captions, per_row=n, min_px=ec.grid_min_px)
@@ -261,10 +267,17 @@ class FlowTask(TaskBase):
         return ReportPlan(metrics=("reward", *self.reward.weights), checks=("reward_change",),
                           source="the flow task (the run's own rewards)")
 
-    def export(self, out_dir: Path) -> None:
-        """The trained weights: ``lora/`` in diffusers' format under LoRA, else ``model.safetensors``."""
+    def export(self, out_dir: Path, state: Optional[dict[str, Tensor]] = None) -> None:
+        """The trained weights: ``lora/`` in diffusers' format under LoRA, else ``transformer/`` in diffusers'
+        ``save_pretrained`` layout (``SavesPretrained`` adapters; others: ``model.safetensors``). ``state``: the
+        whole state dict of the trained module when it is sharded (FSDP), gathered by the loop."""
         if self.cfg.lora.enabled:
-            self.pipe.save_lora(out_dir / "lora")
+            self.pipe.save_lora(out_dir / "lora", **({"state": state} if state is not None else {}))
+        elif isinstance(self.pipe, SavesPretrained):
+            self.pipe.save_pretrained(out_dir / "transformer", state=state)
+        elif state is not None:
+            raise ValueError(f"the model adapter {self.fc.model!r} cannot export a sharded (FSDP) full fine-tune: it "
+                             "has no save_pretrained(directory, state=...) (flowrl.flow.pipeline.SavesPretrained)")
         else:
             self.pipe.save_weights(out_dir / "model.safetensors")
 
@@ -272,5 +285,7 @@ class FlowTask(TaskBase):
         """Load what :meth:`export` wrote into ``out_dir`` (a finished run) into this task's model."""
         if self.cfg.lora.enabled:
             self.pipe.load_lora(Path(out_dir) / "lora")
+        elif isinstance(self.pipe, SavesPretrained):
+            self.pipe.load_pretrained(Path(out_dir) / "transformer")
         else:
             self.pipe.load_weights(Path(out_dir) / "model.safetensors")

@@ -383,8 +383,9 @@ class LLMTask(TaskBase):
                           checks=("accuracy", "miracle_steps", "all_steps_correct"),
                           source="the LLM task (greedy decoding of the held-out set)")
 
-    def export(self, out_dir: Path) -> None:
-        self.pipe.export(out_dir)
+    def export(self, out_dir: Path, state: Optional[dict] = None) -> None:
+        """The adapter's export; ``state``: the model's whole state dict when it is sharded (FSDP), gathered."""
+        self.pipe.export(out_dir) if state is None else self.pipe.export(out_dir, state=state)
 
     def load_export(self, out_dir: Path) -> None:
         """Load what :meth:`export` wrote (a finished run's trained weights) into the model."""

@@ -29,17 +29,18 @@ from tqdm.auto import tqdm
 from flowrl.config import to_dict
 from flowrl.core import compute_advantages, zero_variance_filter
 from flowrl.train.checkpoint import (
-    CheckpointError, config_fingerprint, find_resumable, latest_checkpoint, load_checkpoint, save_checkpoint,
+    CheckpointError, config_fingerprint, find_resumable, full_optimizer_state, full_tensor, gather_state_dict,
+    is_sharded, latest_checkpoint, load_checkpoint, save_checkpoint, shard_like, shard_optimizer_state,
 )
 from flowrl.train.config import TrainConfig
 from flowrl.train.ema import EMA
 from flowrl.train.metrics_log import MetricsLogger, plot_curves
-from flowrl.train.task import Task, iteration_generator
 from flowrl.train.optim import build_optimizer
+from flowrl.train.task import Task, iteration_generator
 
 # Keys that may change between a run and its resume (they do not change what an iteration computes).
 RESUMABLE_KEYS = ("iterations", "max_minutes", "progress", "save_every", "trackers", "tracker_project", "run_name",
-                  "tracker_init")
+                  "tracker_init", "export")
 
 
 class TrainingDiverged(RuntimeError):
@@ -178,6 +179,11 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, task: 
     optimizer = build_optimizer(params, cfg.optim)  # optim.name: the registered optimiser (adamw by default)
     module, optimizer = acc.prepare(task.module, optimizer)
     task.set_forward_module(module)  # forward through the DDP/FSDP wrapper so gradients are synchronised
+    task.prepared_module = module  # what grad_sync holds back while chunks of one step accumulate
+    # taken again after prepare: FSDP2 replaces every parameter by its shard (a DTensor), and clipping, the
+    # finiteness check, the EMA and the checkpoints must act on the tensors the optimiser updates
+    params = [p for p in task.module.parameters() if p.requires_grad]
+    sharded = is_sharded(params)
     ema = EMA(params, decay=cfg.ema.decay) if cfg.ema.enabled else None
 
     start = 0
@@ -188,9 +194,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, task: 
         if missing:
             raise CheckpointError(f"checkpoint {ckpt.path} has weights the model lacks: {missing[:5]}")
         with torch.no_grad():
-            for k, v in model_state.items():
-                named[k].copy_(v)
-        optimizer.load_state_dict(trainer_state["optimizer"])
+            for k, v in model_state.items():  # checkpoints hold whole tensors; under FSDP2 each rank takes its shard
+                named[k].copy_(shard_like(v, named[k]))
+        opt_state = trainer_state["optimizer"]
+        if sharded:
+            opt_state = shard_optimizer_state(opt_state, [p for g in optimizer.param_groups for p in g["params"]])
+        optimizer.load_state_dict(opt_state)
         if ema is not None:
             ema.load_state_dict(trainer_state["ema"])
         task.load_extra_state(trainer_state.get("task", {}))
@@ -205,12 +214,13 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, task: 
 
     def checkpoint(step: int) -> None:
         acc.wait_for_everyone()
+        # whole tensors, gathered on every rank under FSDP2 (collectives), written by the main process
+        trainable = {k: full_tensor(v) for k, v in task.module.named_parameters() if v.requires_grad}
+        opt_state = full_optimizer_state(optimizer.state_dict()) if sharded else optimizer.state_dict()
+        ema_state = ema.state_dict() if ema is not None else {}
         if main:
-            trainable = {k: v for k, v in task.module.named_parameters() if v.requires_grad}
             save_checkpoint(out_dir / "checkpoints", step, model_state=trainable,
-                            trainer_state={"optimizer": optimizer.state_dict(),
-                                           "ema": ema.state_dict() if ema is not None else {},
-                                           "task": task.extra_state()},
+                            trainer_state={"optimizer": opt_state, "ema": ema_state, "task": task.extra_state()},
                             meta={"fingerprint": fingerprint})
         acc.wait_for_everyone()
 
@@ -245,11 +255,11 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, task: 
                         raise TrainingDiverged(_diverged(it, "the gradient norm is " + str(m["grad_norm"]), out_dir))
                 optimizer.step()
                 updates += 1
-                if not _all_finite(params):
+                if not _all_finite(params, sharded):
                     raise TrainingDiverged(_diverged(it, "the weights hold NaN or inf after the update", out_dir))
                 # counted over the run (the same on resume): optimiser step it * (updates per iteration) + updates
                 if ema is not None and (it * cfg.updates_per_rollout * cfg.minibatches + updates) % cfg.ema.every == 0:
-                    ema.update(params)
+                    ema.update()
                 rows.append(m)
         metrics.update(_mean_metrics(rows))
         metrics.update({"time/rollout_s": t_roll, "time/iteration_s": time.time() - t0,
@@ -265,21 +275,34 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, task: 
         if out_of_time:
             break
     bar.close()
+    # the export holds the weights the last evaluation (and so the report) measured: the EMA's when it is on
+    with (ema.swapped() if ema is not None else contextlib.nullcontext()):
+        state = gather_state_dict(task.module, keep=main) if sharded else None  # whole, on the main process
+        if main:
+            task.export(out_dir) if state is None else task.export(out_dir, state=state)
     if main:
-        task.export(out_dir)
         plot_curves(out_dir, keys=_curve_keys(out_dir, plan))
         from flowrl.train.report import write_report
 
         write_report(out_dir, plan=plan)
+        if cfg.export.push_to_hub:
+            from flowrl.train.hub import push_to_hub
+
+            print(f"export pushed to the hub: {push_to_hub(cfg, out_dir)}", flush=True)
     acc.wait_for_everyone()
     acc.end_training()
     return last_eval
 
 
-def _all_finite(params: list[torch.Tensor]) -> bool:
-    """Whether every trained weight is finite: one norm per tensor, one host sync per update."""
-    norms = torch._foreach_norm([p.detach() for p in params])
-    return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+def _all_finite(params: list[torch.Tensor], sharded: bool = False) -> bool:
+    """Whether every trained weight is finite: one norm per tensor, one host sync per update. Sharded (FSDP2):
+    each rank checks its shards and the ranks agree (one all-reduce), so that all of them stop together."""
+    local = [p.to_local() if sharded and hasattr(p, "to_local") else p for p in params]
+    norms = torch._foreach_norm([p.detach() for p in local])
+    bad = (~torch.isfinite(torch.stack([n.float() for n in norms])).all()).float()
+    if sharded:
+        torch.distributed.all_reduce(bad)
+    return not bool(bad)
 
 
 def _diverged(it: int, why: str, out_dir: Path) -> str:
