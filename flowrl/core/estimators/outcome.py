@@ -46,6 +46,17 @@ def grpo(batch: TrajectoryBatch, *, scale: str = "group", eps: float = 1e-4) -> 
     return broadcast_to_actions(adv, batch.mask)
 
 
+def _grpo_validate_params(*, scale: str = "group", eps: float = 1e-4) -> None:
+    """Config-time check of grpo's parameter values (``validate_train_config`` calls it)."""
+    if scale not in GRPO_SCALES:
+        raise ValueError(f"advantage.params.scale={scale!r}: valid values for grpo are {GRPO_SCALES}")
+    if not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(f"advantage.params.eps={eps!r}: must be a number >= 0")
+
+
+grpo.validate_params = _grpo_validate_params
+
+
 def population_std(values: Tensor, valid: Tensor) -> Tensor:
     """sqrt(sum_i (v_i - mean)^2 / N) over the N valid entries of ``values`` float [B] (the global batch when
     distributed): a 0-dim tensor, ddof 0 as numpy's ``np.std``. Two passes (mean, then squared deviations)."""

@@ -37,7 +37,9 @@ from flowrl.train.algorithms.flow_base import FlowAlgorithm
 class Euphonium(FlowAlgorithm):
     """Euphonium: process-reward guidance in the rollouts (when enabled) and process step rewards."""
 
-    per_sample_steps = True  # step_rewards takes steps long [T] or long [b, T]
+    # one set of trained steps per batch: the process advantage is normalised per (group, trained step), which
+    # compares like with like only when every sample of a group trained the same denoising steps
+    per_sample_steps = False
 
     @classmethod
     def validate_config(cls, cfg: Any) -> None:

@@ -55,7 +55,7 @@ class FlowAlgorithm(Algorithm):
             raise ValueError("flow.guidance.enabled needs flow.process_reward (the model whose gradient steers)")
         if fc.timestep_subset == "sample" and fc.timestep_fraction < 1.0 and not cls.per_sample_steps:
             raise ValueError(f"flow.timestep_subset=sample: algorithm {cls.name!r} trains one set of steps for the whole "
-                             "batch; use flow.timestep_subset=batch (per-sample subsets: dance_grpo, euphonium)")
+                             "batch; use flow.timestep_subset=batch (per-sample subsets: dance_grpo)")
         if fc.kl_form != "true_kl" and not cfg.loss.kl_beta > 0:
             raise ValueError(f"flow.kl_form={fc.kl_form!r} has no effect with loss.kl_beta={cfg.loss.kl_beta}: set "
                              "loss.kl_beta > 0 or leave flow.kl_form 'true_kl'")
