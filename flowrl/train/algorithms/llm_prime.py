@@ -6,7 +6,9 @@ with ``implicit_prm_loss`` from the outcome labels l_i (1 = correct):
     z_i = beta * sum_t (log pi_phi(o_{i,t}) - log pi_ref(o_{i,t})),    L_PRM = mean_i BCE(sigmoid(z_i), l_i),
 
 before or after its token rewards q_t = beta * (log pi_phi - log pi_ref) are read (``llm.prm_update``); the
-``prime`` estimator turns them into advantages (RLOO per source, summed returns, whitened). The PRM and its
+``prime`` estimator turns them into advantages (with ``advantage.params.batch_norm``, PRIME's default ``prime_norm``,
+q divided by max over the batch of |reverse cumsum of q|, so that beta cancels and the process return lies in
+[-1, 1]; then RLOO per source, summed returns, whitened). The PRM and its
 optimiser are this algorithm's state (saved in checkpoints). Options: ``llm.prm_lr``, ``llm.prm_beta``,
 ``llm.prm_update``; PRIME's accuracy-band prompt filter is the ``accuracy_band`` shaper.
 """
