@@ -4,6 +4,7 @@ with seconds per phase and the peak GPU memory beside the ``--dry-run`` estimate
     python scripts/gpu_smoke.py                   # a CUDA GPU: SD3.5-medium, FLUX.1-dev, Wan2.1-T2V-1.3B, Qwen2.5-0.5B
     python scripts/gpu_smoke.py --only sd3 --group-size 8
     python scripts/gpu_smoke.py --tiny            # tiny sizes of the same classes, on the CPU, in seconds
+    python scripts/gpu_smoke.py --estimate-only --world-size 8   # the --dry-run estimate of each recipe as shipped
 
 Each model runs its recipe (configs/sd3/flow_grpo_pickscore.yaml, configs/flux/dance_grpo_hps.yaml,
 configs/wan/flow_grpo.yaml, configs/countdown/grpo.yaml) through ``flowrl.train.loop.train`` with these changes,
