@@ -114,7 +114,7 @@ def test_dry_run_with_a_local_model_prints_the_table_and_exits_0(tiny_dirs, caps
     rc, failures = run_preflight(cfg, "sd3.yaml")
     out = capsys.readouterr().out
     assert (rc, failures) == (0, [])
-    for text in ("216 training", "50 evaluation", "transformer", "optimiser state", "activations (rough)", "total"):
+    for text in ("flow.model=sd3 (registered)", "216 training", "50 evaluation", "transformer", "optimiser state", "activations (rough)", "total"):
         assert text in out, out
 
 

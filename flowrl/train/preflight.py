@@ -70,6 +70,19 @@ def _reward_checks(cfg) -> list[str]:
     return [k for k, *_ in entries]
 
 
+def _adapter_check(cfg) -> str:
+    """The model adapter is registered for the config's family (an LLM may also name a hub id / folder)."""
+    from flowrl.pipelines.registry import PIPELINES, pipeline_names
+
+    fam = family(cfg)
+    name = cfg.flow.model if fam == "flow" else cfg.llm.model
+    if name in pipeline_names(fam):
+        return f"{fam}.model={name} (registered)"
+    if fam == "llm" and name not in PIPELINES:
+        return f"llm.model={name}: the causal_lm adapter (a transformers causal LM)"
+    raise PreflightError(f"{fam}.model={name!r} is not a registered {fam} model adapter; valid: {pipeline_names(fam)}")
+
+
 def _data_check(cfg) -> str:
     if family(cfg) == "flow":
         from flowrl.train.flow_data import load_prompt_sets
@@ -102,7 +115,8 @@ def run_preflight(cfg, config_path: str = "", *, out=None) -> tuple[int, list[st
     model = cfg.flow.model if fam == "flow" else cfg.llm.model
     row("ok", "config", f"algorithm {cfg.algorithm}, estimator {cfg.advantage.estimator}, loss {cfg.loss.name}, "
                         f"{fam} model {model}")
-    checks = (("data", _data_check), ("rewards", lambda c: ", ".join(_reward_checks(c)) or "the dataset's own"))
+    checks = (("adapter", _adapter_check), ("data", _data_check),
+              ("rewards", lambda c: ", ".join(_reward_checks(c)) or "the dataset's own"))
     for what, fn in checks:
         try:
             row("ok", what, fn(cfg))
