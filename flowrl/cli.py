@@ -59,12 +59,13 @@ def _train(args: argparse.Namespace) -> int:
     from flowrl.rewards import MissingWeightsError
     from flowrl.train.algorithms import ALGORITHMS
     from flowrl.train.checkpoint import CheckpointError
+    from flowrl.train.flow_data import PromptDataError
     from flowrl.train.loop import TrainingDiverged, train
 
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     try:  # the algorithm's registered factory builds the task; the loop only runs it
         result = train(cfg, out, resume=args.resume, build_task=ALGORITHMS[cfg.algorithm].build_task)
-    except (CheckpointError, TrainingDiverged, MissingWeightsError) as e:  # the user's to fix: one line, no traceback
+    except (CheckpointError, TrainingDiverged, MissingWeightsError, PromptDataError) as e:  # the user's to fix: one line
         print(f"flowrl train: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:

@@ -11,7 +11,7 @@ import pytest
 
 from flowrl.config import ConfigError, load
 from flowrl.train.config import TrainConfig
-from flowrl.train.flow_data import PROMPT_SOURCES, load_prompt_sets, resolve_source
+from flowrl.train.flow_data import PROMPT_SOURCES, PromptDataError, load_prompt_sets, resolve_source
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = [{"caption": "a red cube", "target": 0.25, "style": "photo"},
@@ -93,10 +93,10 @@ def test_inconsistent_keys_are_refused_when_the_config_is_read(sets, match):
 
 
 def test_bad_files_name_the_key_the_row_and_the_columns(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"flow.prompt_file '.*nope.txt' does not exist \(relative paths"):
+    with pytest.raises(PromptDataError, match=r"flow.prompt_file '.*nope.txt' does not exist \(relative paths"):
         load_prompt_sets(_cfg(f"flow.prompt_file={tmp_path / 'nope.txt'}"))
     f = _jsonl(tmp_path / "p.jsonl", ROWS)
-    with pytest.raises(ValueError, match=r"row 0: no prompt column 'prompt' .*columns: \['caption', 'style', 'target'\]"):
+    with pytest.raises(PromptDataError, match=r"row 0: no prompt column 'prompt' .*columns: \['caption', 'style', 'target'\]"):
         load_prompt_sets(_cfg(f"flow.prompt_file={f}"))
     g = _jsonl(tmp_path / "q.jsonl", [{"prompt": "ok"}, {"prompt": 3}])
     with pytest.raises(ValueError, match="row 1: the prompt column 'prompt' holds 3"):

@@ -37,6 +37,11 @@ if TYPE_CHECKING:
 PROMPT_SOURCES = Registry("prompt source")
 
 
+class PromptDataError(ValueError):
+    """The prompt data cannot be read (a missing file, a row without its prompt, an empty set): one sentence naming
+    the key, the file and the row; ``flowrl train`` prints it without a traceback."""
+
+
 def register_prompt_source(name: str, *, suffixes: Sequence[str] = (), fallback: bool = False, splits: bool = False):
     """Decorator: register a prompt source ``fn(path, fc, *, split, key) -> [{"prompt": str, ...}]`` under
     ``name``; ``suffixes`` (e.g. ``(".txt",)``) are the files ``prompt_source: auto`` reads with it, ``fallback``
@@ -117,9 +122,14 @@ def check_prompt_data(fc: "FlowConfig") -> None:
 def read_prompt_file(fc: "FlowConfig", path: str, *, split: str, key: str) -> PromptSet:
     """The rows of ``path`` through its source (see :func:`resolve_source`); an empty result is an error."""
     src = resolve_source(fc, path)
-    rows = PROMPT_SOURCES[src](path, fc, split=split, key=key)
+    try:
+        rows = PROMPT_SOURCES[src](path, fc, split=split, key=key)
+    except PromptDataError:
+        raise
+    except ValueError as e:  # the readers' own (JSON lines, datasets) already name the file and the line
+        raise PromptDataError(str(e)) from None
     if not rows:
-        raise ValueError(f"{key} {str(path)!r} holds no prompt (source {src!r})")
+        raise PromptDataError(f"{key} {str(path)!r} holds no prompt (source {src!r})")
     return PromptSet(rows, source=f"{key}={path} ({src})")
 
 
@@ -154,7 +164,7 @@ def load_prompt_sets(cfg: "TrainConfig") -> tuple[Optional[PromptSet], Optional[
 def _local_file(path: str, key: str) -> Path:
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"{key} {str(path)!r} does not exist (relative paths are read from the working "
+        raise PromptDataError(f"{key} {str(path)!r} does not exist (relative paths are read from the working "
                                 f"directory {Path.cwd()})")
     return p
 
@@ -164,13 +174,13 @@ def records_to_rows(records: list[dict], column: str, where: str) -> list[dict]:
     rows = []
     for i, rec in enumerate(records):
         if column not in rec:
-            raise ValueError(f"{where} row {i}: no prompt column {column!r} (flow.prompt_column); columns: {sorted(rec)}")
+            raise PromptDataError(f"{where} row {i}: no prompt column {column!r} (flow.prompt_column); columns: {sorted(rec)}")
         p = rec[column]
         if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"{where} row {i}: the prompt column {column!r} holds {p!r}; it must be a non-empty string")
+            raise PromptDataError(f"{where} row {i}: the prompt column {column!r} holds {p!r}; it must be a non-empty string")
         row = {"prompt": p.strip()}
         if "prompt" in rec and column != "prompt":
-            raise ValueError(f"{where} row {i}: a column 'prompt' besides the prompt column {column!r}; rename one "
+            raise PromptDataError(f"{where} row {i}: a column 'prompt' besides the prompt column {column!r}; rename one "
                              "(the rewards receive the prompt as `prompts`)")
         row.update({k: v for k, v in rec.items() if k != column})
         rows.append(row)
