@@ -28,6 +28,10 @@ _Loader.yaml_implicit_resolvers = {k: [(t, r) for t, r in v if t != "tag:yaml.or
                                    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", __import__("re").compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                               list("tTfF"))
+# PyYAML (YAML 1.1) reads a float only with a dot, so ``3e-4`` would stay the string "3e-4" and fail late, inside a
+# loss; YAML 1.2 reads it as a float. Added last, so an integer (``10``) still resolves to int first.
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", __import__("re").compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
 
 
 def yaml_load(text: str) -> Any:

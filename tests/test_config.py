@@ -67,3 +67,13 @@ def test_parse_override_and_describe():
     lines = describe(Cfg)
     assert "optim.lr (float, default 0.0001): learning rate" in lines
     assert any(l.startswith("kind (") and "kernel" in l for l in lines)
+
+
+def test_yaml_reads_floats_without_a_dot_in_untyped_mappings():
+    """``loss.params`` and ``rewards`` options have no declared type, so ``3e-4`` must be a float when read, not the
+    string "3e-4" a loss would refuse later (YAML 1.1 needs a dot); integers stay integers."""
+    from flowrl.config import yaml_load
+
+    got = yaml_load("params: {eps_low: 3e-4, eps_high: 4E-4, big: -2e+5, steps: 10, text: '3e-4', flag: no}")["params"]
+    assert got == {"eps_low": 3e-4, "eps_high": 4e-4, "big": -2e5, "steps": 10, "text": "3e-4", "flag": "no"}
+    assert isinstance(got["eps_low"], float) and isinstance(got["steps"], int)
