@@ -110,8 +110,7 @@ def test_short_flow_grpo_run_improves_the_judges_accuracy(tmp_path):
 # Shortened AC-Flow (likelihood-free: per-step critic-weighted flow matching, positive-part weights, 4 updates per
 # rollout): 10 iterations (5 of them the critic's warm-up), evaluation of 10 samples per digit. Measured (seed 0, 315 s
 # on a heavily shared CPU): judge accuracy 0.71 -> 0.85, reward (mean prob.) 0.50 -> 0.67, realism 1.82 -> 1.80, no
-# flag. The full config
-# passes the demo bar (docs/results.md).
+# flag. The full config passes the demo bar (docs/results.md).
 AC_SHORT = ["iterations=10", "eval.every=10", "eval.num_per_prompt=10"]
 
 
