@@ -25,7 +25,7 @@ def sd3_dir(tmp_path_factory):
 
 
 def tiny_cfg(model_dir, *overrides):
-    base = [f"flow.model=sd3", f"flow.model_path={model_dir}", "flow.prompts=[a red cube, a blue ball]",
+    base = ["flow.model=sd3", f"flow.model_path={model_dir}", "flow.prompts=[a red cube, a blue ball]",
             "flow.rewards={jpeg_compressibility: {weight: 1.0}}", "iterations=2", "prompts_per_iter=2",
             "group_size=4", "flow.num_steps=3", "eval.every=100", "eval.num_per_prompt=1", "eval.grid_per_prompt=1",
             "progress=false", "trackers=[]", "optim.lr=1e-2", "save_every=1"]

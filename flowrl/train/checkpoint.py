@@ -395,3 +395,16 @@ def gather_state_dict(module: torch.nn.Module, keep: bool) -> Optional[dict[str,
         if keep:
             out[k] = v.detach().cpu()
     return out if keep else None
+
+
+def reshard(module: torch.nn.Module) -> None:
+    """Drop the gathered weights that FSDP2 keeps after a forward pass with no backward (the root module does not
+    reshard after its forward), so that the sharded parameters are again the ones the model uses: needed before
+    their data is swapped (EMA), read (checkpoints) or updated. A no-op for a module that is not sharded."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()

@@ -30,7 +30,7 @@ from flowrl.config import to_dict
 from flowrl.core import compute_advantages, zero_variance_filter
 from flowrl.train.checkpoint import (
     CheckpointError, config_fingerprint, find_resumable, full_optimizer_state, full_tensor, gather_state_dict,
-    is_sharded, latest_checkpoint, load_checkpoint, save_checkpoint, shard_like, shard_optimizer_state,
+    is_sharded, latest_checkpoint, load_checkpoint, reshard, save_checkpoint, shard_like, shard_optimizer_state,
 )
 from flowrl.train.config import TrainConfig
 from flowrl.train.ema import EMA
@@ -209,6 +209,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, task: 
     def evaluate(step: int) -> dict[str, float]:
         with (ema.swapped() if ema is not None else contextlib.nullcontext()):
             m = task.evaluate(step, out_dir)
+            if sharded:  # the EMA's weights are still gathered in FSDP2's root module: drop them before swapping back
+                reshard(task.module)
         logger.log(m, step=step, split="eval")
         return m
 
@@ -265,6 +267,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, task: 
         metrics.update({"time/rollout_s": t_roll, "time/iteration_s": time.time() - t0,
                         "time/elapsed_s": time.time() - t_start})
         step = it + 1
+        if acc.num_processes > 1:  # each rank measured its share of the batch: log the mean over ranks
+            metrics = _rank_mean(metrics, acc.num_processes)
         row = logger.log(metrics, step=step)
         bar.set_postfix(reward=f"{row.get('reward', float('nan')):.3f}", s_per_it=f"{row['time/iteration_s']:.2f}")
         out_of_time = cfg.max_minutes > 0 and (time.time() - t_start) > 60 * cfg.max_minutes
@@ -292,6 +296,14 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, task: 
     acc.wait_for_everyone()
     acc.end_training()
     return last_eval
+
+
+def _rank_mean(metrics: dict[str, float], world: int) -> dict[str, float]:
+    """Each key's mean over the ranks that logged it (equal shares of the batch: the whole batch's mean for a
+    per-sample mean such as ``reward``). One small all-gather per iteration."""
+    rows: list[Optional[dict]] = [None] * world
+    torch.distributed.all_gather_object(rows, metrics)
+    return _mean_metrics([r for r in rows if r])
 
 
 def _all_finite(params: list[torch.Tensor], sharded: bool = False) -> bool:
