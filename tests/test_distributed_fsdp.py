@@ -101,3 +101,41 @@ def test_fsdp_run_killed_and_resumed_equals_one_uninterrupted_process(tmp_path):
     assert max(float((w1[k] - base[k]).abs().max()) for k in w1) > 1e-4  # training moved the weights ...
     for k in w1:  # ... and the same way on two sharded, resumed processes
         torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4, msg=k)  # 1% of one step (lr)
+
+
+def test_chunks_of_one_step_reduce_only_at_the_last():
+    """flow.micro_batch=2 over a rank's 8 samples: 4 backward chunks in one optimiser step. The first 3 run inside
+    accelerator.no_sync (no all-reduce / reduce-scatter) with sync_gradients False (DeepSpeed: no engine step);
+    the last reduces. Recorded on one process through the accelerator's own hooks."""
+    import contextlib
+
+    from accelerate import Accelerator
+
+    from flowrl.core import compute_advantages
+    from flowrl.train.flow_task import FlowTask
+    from flowrl.train.task import iteration_generator
+
+    cfg = digits_cfg()
+    acc = Accelerator(cpu=True)
+    task = FlowTask(cfg, acc)
+    task.prepared_module = task.module
+    seen, inside = [], []
+
+    @contextlib.contextmanager
+    def no_sync(model):
+        assert model is task.module
+        inside.append(True)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    backward = acc.backward
+    acc.no_sync = no_sync
+    acc.backward = lambda loss, **kw: (seen.append((bool(inside), acc.sync_gradients)), backward(loss, **kw))
+    roll = task.rollout(0, iteration_generator(cfg.seed, 0, 0))
+    batch = roll.batch.validate()
+    adv = compute_advantages(cfg.advantage.estimator, batch, **cfg.advantage.params)
+    task.backward(roll, torch.arange(batch.batch_size), batch, adv, 0)
+    assert seen == [(True, False)] * 3 + [(False, True)]
+    assert acc.sync_gradients  # restored for the optimiser step
