@@ -65,7 +65,7 @@ def test_an_algorithm_registered_in_a_test_file_trains_through_the_loop(reinforc
     for r in rows:
         assert r["reinforce/loss"] == pytest.approx(r["reinforce/loss"])  # finite: NaN != NaN
         assert "policy/ratio_mean" not in r  # the default PPO backward did not run
-    trained = load_file(str(out / "model.safetensors"))
+    trained = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))  # diffusers layout
     initial = load_digits().trainable.state_dict()
     assert trained.keys() == initial.keys()
     moved = max(float((trained[k] - initial[k]).abs().max()) for k in trained)
