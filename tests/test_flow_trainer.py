@@ -207,13 +207,17 @@ def test_two_processes_equal_one(sd3_dir, tmp_path):
 
 
 SMALL = {"sd3": "{}", "flux": "{height: 16, width: 16}", "wan": "{height: 16, width: 16, num_frames: 5}"}
+DIFFUSERS_PIPELINE = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "wan": "WanPipeline"}
+DIFFUSERS_TRANSFORMER = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel", "wan": "WanTransformer3DModel"}
 
 
 @pytest.mark.parametrize("model,builder", [("sd3", "build_tiny_sd3"), ("flux", "build_tiny_flux"), ("wan", "build_tiny_wan")])
 def test_published_configs_run_two_iterations_with_tiny_stand_ins(model, builder, tmp_path, monkeypatch):
     """The anchors' published settings (configs/<model>/*.yaml) with tiny models of the same classes, on the
     prompt files they ship (data/): only the model path, the sizes, the batch, the reward (model-free JPEG) and
-    the precision (CPU) are overridden."""
+    the precision (CPU) are overridden; the export each writes must load in diffusers."""
+    import diffusers
+
     import flowrl.pipelines.tiny as tiny
     from flowrl.train.flow_data import load_prompt_sets
 
@@ -239,6 +243,15 @@ def test_published_configs_run_two_iterations_with_tiny_stand_ins(model, builder
         train(cfg, out)
         rows = [r for r in read_metrics(out) if r["split"] == "train"]
         assert len(rows) == 2 and all(r["grad_norm"] > 0.0 for r in rows)
+        # the export is something diffusers itself loads: a LoRA into the model's diffusers pipeline, or the full
+        # fine-tune's transformer folder with from_pretrained
+        if cfg.lora.enabled:
+            pipe = getattr(diffusers, DIFFUSERS_PIPELINE[model]).from_pretrained(str(d))
+            pipe.load_lora_weights(str(out / "lora"))
+            assert pipe.transformer.peft_config, f"{f.name}: no adapter attached from {out / 'lora'}"
+        else:
+            t = getattr(diffusers, DIFFUSERS_TRANSFORMER[model]).from_pretrained(str(out / "transformer"))
+            assert sum(p.numel() for p in t.parameters()) > 0
 
 
 def test_micro_batches_and_step_chunks_accumulate_the_same_gradient(sd3_dir):
