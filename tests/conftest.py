@@ -37,3 +37,11 @@ def core_path(request):
             os.environ.pop("FLOWRL_NATIVE", None)
         else:
             os.environ["FLOWRL_NATIVE"] = old
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory):
+    """A tiny SD3 (the real diffusers classes, random weights) saved as a diffusers folder, once per test module."""
+    from flowrl.pipelines.tiny import build_tiny_sd3
+
+    return build_tiny_sd3(tmp_path_factory.mktemp("sd3"))

@@ -1,6 +1,5 @@
 """The flow trainer on tiny stand-in models: every algorithm runs, resume equals an uninterrupted run, two
 processes equal one, the LoRA exports in diffusers' format, and bad input fails before any compute."""
-import json
 import os
 import socket
 from pathlib import Path
@@ -16,13 +15,6 @@ from flowrl.train.loop import train
 from flowrl.train.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    from flowrl.pipelines.tiny import build_tiny_sd3
-
-    return build_tiny_sd3(tmp_path_factory.mktemp("sd3"))
 
 
 def tiny_cfg(model_dir, *overrides, model="sd3"):
@@ -132,7 +124,6 @@ def test_bad_input_fails_before_compute(sd3_dir, tmp_path):
 
 
 def test_nan_reward_is_a_clear_error(sd3_dir, tmp_path, monkeypatch):
-    from flowrl.rewards import base as rbase
     from flowrl.rewards.base import Reward, register_reward
 
     @register_reward("nan_for_test")

@@ -8,13 +8,6 @@ from flowrl.config import load
 from flowrl.train.config import TrainConfig
 
 
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    from flowrl.pipelines.tiny import build_tiny_sd3
-
-    return build_tiny_sd3(tmp_path_factory.mktemp("sd3"))
-
-
 def tiny_cfg(model_dir, *overrides):
     base = ["flow.model=sd3", f"flow.model_path={model_dir}", "flow.prompts=[a red cube, a blue ball, a cat]",
             "flow.rewards={jpeg_compressibility: {weight: 1.0}}", "iterations=1", "prompts_per_iter=3",

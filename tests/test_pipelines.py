@@ -14,15 +14,10 @@ from flowrl.flow.pipeline import FlowPipeline  # noqa: E402
 from flowrl.flow.sampler import recompute_log_prob, rollout, sample  # noqa: E402
 from flowrl.pipelines.flux import FluxPipeline, pack_latents, unpack_latents  # noqa: E402
 from flowrl.pipelines.sd3 import SD3Pipeline  # noqa: E402
-from flowrl.pipelines.tiny import build_tiny_flux, build_tiny_sd3, build_tiny_wan  # noqa: E402
+from flowrl.pipelines.tiny import build_tiny_flux, build_tiny_wan  # noqa: E402
 from flowrl.pipelines.wan import WanPipeline  # noqa: E402
 
 PROMPTS = ["a photo of a cat", "a red dog on the mat"]
-
-
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    return build_tiny_sd3(tmp_path_factory.mktemp("sd3"))
 
 
 @pytest.fixture(scope="module")
