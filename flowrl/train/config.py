@@ -226,6 +226,13 @@ class FlowConfig:
                                     help="outcome rewards {name: {weight, type, options}} (flowrl.rewards.build_rewards)")
     process_reward: Optional[dict[str, Any]] = field(None, help="process reward {type: registered name, ...options} for guidance / dual rewards")
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig, help="reward-gradient guidance (Euphonium)")
+    diversity_bonus: list[dict[str, Any]] = field(default_factory=list, help="diversity bonuses added to the outcome reward, summed: a list of "
+                                                  "{name: a registered bonus (flowrl.core.diversity_bonus: pairwise, ...), weight, features: a registered "
+                                                  "sample feature (flowrl.rewards.features: pixels, clip) or {name, ...options}, params: {...}}; each is "
+                                                  "also the outcome part 'diversity/<name>' (with a per-reward estimator its column's weight is "
+                                                  "advantage.params.weights['diversity/<name>'])")
+    kl_weight: dict[str, Any] = field(default_factory=lambda: {"name": "uniform"}, help="weight of each step's KL by its noise level: "
+                                      "{name: a registered weight (flowrl.flow.kl_weights: uniform, sigma_power, early_steps), ...params}")
     critic: CriticConfig = field(default_factory=CriticConfig, help="AC-Flow critic")
 
     def __post_init__(self):
@@ -255,6 +262,11 @@ class FlowConfig:
             from flowrl.train.flow_data import check_prompt_data
 
             check_prompt_data(self)
+        for i, spec in enumerate(self.diversity_bonus):
+            check(isinstance(spec, dict) and "name" in spec and set(spec) <= {"name", "weight", "features", "params"},
+                  f"diversity_bonus[{i}]={spec}: needs 'name' and takes only name, weight, features, params")
+        check(isinstance(self.kl_weight, dict) and "name" in self.kl_weight,
+              f"kl_weight={self.kl_weight}: needs a 'name' (a registered KL weight: uniform, sigma_power, early_steps)")
         check(self.process_reward is None or "type" in self.process_reward,
               f"process_reward={self.process_reward}: needs a 'type' (a registered process reward)")
 

@@ -102,6 +102,13 @@ class FlowTask(TaskBase):
             self.guidance = Guidance(self.process_reward, scale=g.scale, kl_beta=g.kl_beta, normalize=g.normalize,
                                      window=tuple(g.window) if g.window else None, estimator=g.estimator,
                                      logprob_mean=g.logprob_mean)
+        from flowrl.train.flow_diversity import DiversityBonuses
+
+        if self.fc.diversity_bonus and (B // self.world) % cfg.group_size:
+            raise ValueError(f"flow.diversity_bonus compares the samples of a group, which must be on one process: "
+                             f"prompts_per_iter * group_size / processes = {B // self.world} is not a multiple of "
+                             f"group_size={cfg.group_size}")
+        self.diversity = DiversityBonuses(self.fc.diversity_bonus)
         algorithm.setup(self)
 
     # ------------------------------------------------------------------ model plumbing
@@ -156,6 +163,12 @@ class FlowTask(TaskBase):
                                                            self.prompt_set.meta(prompt_of_row.tolist()))
         metrics = dict(metrics)
         metrics["reward"] = float(outcome[valid].mean()) if bool(valid.any()) else float("nan")
+        if self.diversity:  # flow.diversity_bonus: each sample rewarded for differing from its group
+            bonus, bonus_parts = self.diversity(traj.samples, rows // G, outcome)
+            outcome = outcome + bonus.to(outcome.device)
+            parts = {**parts, **bonus_parts}
+            for k, v in bonus_parts.items():
+                metrics[f"reward/{k}"] = float(v[valid.to(v.device)].mean()) if bool(valid.any()) else float("nan")
 
         sde = traj.sde_steps
         if fc.timestep_fraction < 1.0:  # DanceGRPO: train a random subset of the SDE steps
@@ -168,7 +181,7 @@ class FlowTask(TaskBase):
         T = sde.shape[-1]
         dev = self.pipe.device
         step_reward = self.algorithm.step_rewards(self, traj, sde, local_prompts)
-        scored = {k: parts[k].float() for k in self.reward.weights}
+        scored = {k: parts[k].float() for k in (*self.reward.weights, *(p for p in parts if p.startswith("diversity/")))}
         batch = TrajectoryBatch(
             group=(it * P + rows // G).to(dev),
             mask=valid[:, None].expand(b, T).to(dev).clone(),

@@ -56,6 +56,12 @@ class FlowAlgorithm(Algorithm):
         if fc.timestep_subset == "sample" and fc.timestep_fraction < 1.0 and not cls.per_sample_steps:
             raise ValueError(f"flow.timestep_subset=sample: algorithm {cls.name!r} trains one set of steps for the whole "
                              "batch; use flow.timestep_subset=batch (per-sample subsets: dance_grpo)")
+        from flowrl.train.flow_diversity import check_diversity_config
+
+        check_diversity_config(fc)
+        if fc.kl_weight.get("name") != "uniform" and not cfg.loss.kl_beta > 0:
+            raise ValueError(f"flow.kl_weight={fc.kl_weight} has no effect with loss.kl_beta={cfg.loss.kl_beta}: set "
+                             "loss.kl_beta > 0 or leave flow.kl_weight {name: uniform}")
         if fc.kl_form != "true_kl" and not cfg.loss.kl_beta > 0:
             raise ValueError(f"flow.kl_form={fc.kl_form!r} has no effect with loss.kl_beta={cfg.loss.kl_beta}: set "
                              "loss.kl_beta > 0 or leave flow.kl_form 'true_kl'")

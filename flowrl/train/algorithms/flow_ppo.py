@@ -11,6 +11,7 @@ from torch import Tensor
 from flowrl.core import TrajectoryBatch, aggregate, compute_policy_loss
 from flowrl.flow.sampler import recompute_log_prob
 from flowrl.flow.sde import kernel_kl, log_prob_in_form
+from flowrl.train.flow_diversity import step_kl_weights
 
 if TYPE_CHECKING:  # types only
     from flowrl.train.flow_task import FlowTask
@@ -64,7 +65,8 @@ def ppo_backward(task: "FlowTask", roll: "Rollout", index: Tensor, batch: Trajec
     mu_theta(x_k), s_k^2) is recomputed with the current weights and compared with ``batch.old_logp[b, t]``.
     With ``loss.kl_beta`` > 0 the loss adds beta * KL(N(mu, s^2) || N(mu_ref, s^2)) = beta * ||mu - mu_ref||^2 /
     (2 s^2) (averaged over the latent's elements, aggregated like the loss), or Flow-GRPO's SD3 form with
-    ``flow.kl_form`` (:func:`flowrl.flow.sde.kernel_kl`). ``flow.logp_form`` rewrites both log-probs in the
+    ``flow.kl_form`` (:func:`flowrl.flow.sde.kernel_kl`), each step's KL weighted by ``flow.kl_weight`` at its noise
+    level (:mod:`flowrl.flow.kl_weights`; uniform: 1). ``flow.logp_form`` rewrites both log-probs in the
     reference's cps form (:func:`flowrl.flow.sde.log_prob_in_form`); ``flow.cfg_grad`` sets the gradient through
     classifier-free guidance (:func:`cfg_gradient`). Accumulated over chunks of
     ``flow.micro_batch`` samples x ``flow.steps_per_backward`` steps (0: all); each chunk's loss is weighted by its
@@ -112,6 +114,7 @@ def ppo_backward(task: "FlowTask", roll: "Rollout", index: Tensor, batch: Trajec
                         ref_mean = recompute_log_prob(ref, traj, st, index=rows).mean
                     delta = traj.sigmas[st] - traj.sigmas[st + 1]
                     kl = kernel_kl(out.mean, ref_mean, out.std, delta, kind=traj.kind, form=fc.kl_form)
+                    kl = kl * step_kl_weights(fc, traj.sigmas[st].float()).to(kl.device)  # flow.kl_weight
                     kl = aggregate(kl.view(c, r).T, m, cfg.loss.agg)
                     loss = loss + cfg.loss.kl_beta * kl
                     lm["policy/kl"] = kl.detach()
