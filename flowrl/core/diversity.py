@@ -35,13 +35,18 @@ def group_index(group: Tensor) -> tuple[Tensor, int]:
     return inv, int(uniq.numel())
 
 
+def _cdist(f: Tensor) -> Tensor:
+    """||f_i - f_j||_2 float [B, B] from the differences, memory O(B^2)."""
+    return torch.cdist(f, f, compute_mode="donot_use_mm_for_euclid_dist")
+
+
 def pairwise_distances(features: Tensor, group: Tensor) -> tuple[Tensor, Tensor]:
     """(d float [B, B], pairs bool [B, B]): Euclidean distances between all rows and the mask of ordered pairs
     (i, j) with i != j in one group. Computed from differences, not from the Gram matrix, so that identical
-    samples have distance exactly 0."""
+    samples have distance exactly 0 (``cdist`` without its matrix-product path: no [B, B, D] tensor either, which
+    for image-sized D would not fit in memory)."""
     _check(features, group)
-    f = features.float()
-    d = (f[:, None, :] - f[None, :, :]).pow(2).sum(-1).sqrt()
+    d = _cdist(features.float())
     same = group[:, None] == group[None, :]
     pairs = same & ~torch.eye(len(group), dtype=torch.bool, device=group.device)
     return d, pairs
@@ -86,9 +91,10 @@ def vendi_score(features: Tensor, group: Tensor, *, kernel: str = "cosine", cent
         K = c @ c.T
         K.fill_diagonal_(1.0)  # k(f, f) = 1 by definition, also for a zero row
     elif kernel == "rbf":
-        d2 = (f[:, None, :] - f[None, :, :]).pow(2).sum(-1)
-        h = bandwidth if bandwidth is not None else float(d2[~torch.eye(len(f), dtype=torch.bool,
-                                                                        device=f.device)].sqrt().median())
+        d = _cdist(f)
+        d2 = d.pow(2)
+        h = bandwidth if bandwidth is not None else float(d[~torch.eye(len(f), dtype=torch.bool,
+                                                                       device=f.device)].median())
         K = torch.exp(-d2 / (2.0 * max(h, 1e-12) ** 2))
     else:
         raise ValueError(f"vendi_score: kernel={kernel!r}; valid: ['cosine', 'rbf']")
