@@ -279,7 +279,7 @@ def test_masked_discounted_scan_matches_the_recurrence(c, T):
 GROUP_SIZE = {  # 2 where the estimator's statistic compares the samples of a group
     "grpo": 2, "dr_grpo": 2, "rloo": 2, "reinforce_pp_baseline": 2, "gdpo": 2, "grpo_per_reward": 2,
     "reinforce_pp": 1, "gae": 1, "prime": 2, "empg": 2, "stepwise_grpo": 2, "tp_grpo": 2, "step_returns": 1, "dual_level": 2, "igpo": 1,
-    "spae": 2, "tree_mc": 2, "salt": 2,
+    "spae": 2, "tree_mc": 2, "salt": 2, "pass_at_k": 2,
 }
 
 

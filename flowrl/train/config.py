@@ -131,6 +131,12 @@ class EvalConfig:
     batch_size: int = field(0, help="flow: evaluation samples per sampler call (each call its own seed, eval.seed + chunk "
                                     "index); the chunks are shared out over the ranks and the scores gathered. 0: one "
                                     "call per rank (one process: the whole set in one call)")
+    pass_k: list[int] = field(default_factory=lambda: [1, 8], help="LLM: the k of the sampled pass@k logged at each "
+                              "evaluation (pass@<k>, Codex's unbiased estimator; each k <= pass_samples)")
+    pass_samples: int = field(16, help="LLM: completions sampled per problem for pass@k and distinct_correct, at the "
+                                       "rollout's temperature / top-k / top-p (seeded from eval.seed)")
+    pass_problems: int = field(50, help="LLM: held-out problems of the sampled evaluation (a fixed subset drawn from "
+                                         "eval.seed; all of them when fewer). 0: no sampled evaluation")
 
     def __post_init__(self):
         check(self.every >= 1, f"every={self.every}: evaluate every this many iterations; must be >= 1")
@@ -140,6 +146,11 @@ class EvalConfig:
         check(finite(self.video_fps) and self.video_fps > 0, f"video_fps={self.video_fps}: must be finite and > 0")
         check(self.table_rows >= 0, f"table_rows={self.table_rows}: must be >= 0 (0: no table)")
         check(self.batch_size >= 0, f"batch_size={self.batch_size}: must be >= 0 (0: one sampler call per rank)")
+        check(self.pass_problems >= 0, f"pass_problems={self.pass_problems}: must be >= 0 (0: no sampled evaluation)")
+        check(self.pass_samples >= 1, f"pass_samples={self.pass_samples}: must be >= 1")
+        check(self.pass_problems == 0 or (len(self.pass_k) > 0 and all(1 <= k <= self.pass_samples for k in self.pass_k)),
+              f"pass_k={list(self.pass_k)}: each k must be in [1, pass_samples={self.pass_samples}] (an unbiased "
+              f"pass@k needs at least k samples), and at least one k unless pass_problems is 0")
 
 
 @dataclass

@@ -40,6 +40,7 @@ from flowrl.core import (
 from flowrl.core.dtypes import torch_dtype
 from flowrl.llm import TokenRollout, segment_steps, step_texts, token_logprobs
 from flowrl.train.llm_data import default_rewards, load_dataset, merge_reward_metrics, row_meta
+from flowrl.train.llm_eval import pass_k_metrics
 from flowrl.train.llm_shaping import ShapingInput, process_score, shape
 from flowrl.train.task import Rollout, TaskBase, iteration_generator
 
@@ -333,7 +334,8 @@ class LLMTask(TaskBase):
     @torch.no_grad()
     def evaluate(self, step: int, out_dir: Path) -> dict[str, float]:
         """Greedy decoding on the fixed held-out set: ``accuracy`` (first reward's score >= correct_threshold),
-        ``reward``, and for the arithmetic verifier ``miracle_rate``, ``all_steps_correct``, ``step_accuracy``."""
+        ``reward``, and for the arithmetic verifier ``miracle_rate``, ``all_steps_correct``, ``step_accuracy``;
+        then sampled ``pass@k``, ``distinct_correct`` (:mod:`flowrl.train.llm_eval`) unless eval.pass_problems is 0."""
         lc = self.lc
         texts, parts_all, outs = [], [], []
         batches = range(0, len(self.eval_rows), 100)
@@ -357,6 +359,7 @@ class LLMTask(TaskBase):
                 m[name] = float(x[torch.isfinite(x)].mean()) if bool(torch.isfinite(x).any()) else float("nan")
         if self.acc.is_main_process:
             self._save_completions(step, out_dir, texts, torch.cat(outs), score >= lc.correct_threshold)
+        m.update(pass_k_metrics(self))  # sampled: pass@k, distinct_correct (eval.pass_*; its own generator)
         return m
 
     def _save_completions(self, step: int, out_dir: Path, texts: list[str], reward: Tensor, correct: Tensor) -> None:
@@ -376,11 +379,14 @@ class LLMTask(TaskBase):
 
     def report_plan(self):
         """The report of an LLM run: held-out accuracy against the reward, miracle steps and all-steps-correct
-        (the last two where the verifier scores steps, e.g. arithmetic); no judge or realism."""
+        (the last two where the verifier scores steps, e.g. arithmetic), sampled pass@k against the base model's
+        (eval.pass_*); no judge or realism."""
         from flowrl.train.report import ReportPlan
 
-        return ReportPlan(metrics=("reward", "accuracy", "miracle_rate", "all_steps_correct", "step_accuracy"),
-                          checks=("accuracy", "miracle_steps", "all_steps_correct"),
+        ec = self.cfg.eval
+        sampled = tuple(f"pass@{k}" for k in ec.pass_k) + ("distinct_correct",) if ec.pass_problems else ()
+        return ReportPlan(metrics=("reward", "accuracy", "miracle_rate", "all_steps_correct", "step_accuracy") + sampled,
+                          checks=("accuracy", "miracle_steps", "all_steps_correct", "pass_at_k"),
                           source="the LLM task (greedy decoding of the held-out set)")
 
     def export(self, out_dir: Path, state: Optional[dict] = None) -> None:

@@ -30,6 +30,7 @@ DIVERSITY_FLOOR = 0.25
 MIRACLE_GAP = 0.10
 STEP_DROP = 0.05
 ACCURACY_DROP = 0.05
+PASS_K_DROP = 0.05  # sampled pass@8 of the arithmetic base model (50 problems x 16 samples): sd 0.02 over sampling seeds
 SHOWN = ("reward", "accuracy", "reward_accuracy", "reward_prob", "realism", "diversity")
 
 REPORT_CHECKS = Registry("report check")
@@ -160,6 +161,26 @@ def all_steps_correct(before: dict, after: dict) -> Finding:
     b, a = before["all_steps_correct"], after["all_steps_correct"]
     text = f"completions with every step right {b:.1%} -> {a:.1%} (flagged on a drop of more than {STEP_DROP:.0%})"
     return Finding("flag", f"the worked steps got worse: {text}") if b - a > STEP_DROP else Finding("ok", text)
+
+
+@register_check("pass_at_k", needs=("pass_k_max",), title="pass@k")
+def pass_at_k(before: dict, after: dict) -> Finding:
+    """Flag when the sampled pass@k at the largest logged k (``pass_k_max``) fell below the base model's by more
+    than PASS_K_DROP: the policy narrowed, its k attempts solve fewer problems than the base's (RL sharpening
+    pass@1 at the cost of coverage)."""
+    key = f"pass@{int(after['pass_k_max'])}"
+    if key not in before or key not in after:
+        return Finding("info", f"{key} was not logged at both ends (pass_k_max changed?)")
+    b, a = before[key], after[key]
+    p1 = (f"; pass@1 {before['pass@1']:.1%} -> {after['pass@1']:.1%}" if "pass@1" in before and "pass@1" in after
+          else "")
+    dc = (f"; distinct correct completions per problem {before['distinct_correct']:.2f} -> "
+          f"{after['distinct_correct']:.2f}" if "distinct_correct" in before and "distinct_correct" in after else "")
+    text = f"{key} {b:.1%} -> {a:.1%} ({(a - b) * 100:+.1f} points{p1}{dc})"
+    if a < b - PASS_K_DROP:
+        return Finding("flag", f"{key} fell below the base model's (collapse of what the policy samples): {text}; "
+                               f"flagged below the base by more than {PASS_K_DROP * 100:.0f} points")
+    return Finding("ok", f"{text} (flagged below the base by more than {PASS_K_DROP * 100:.0f} points)")
 
 
 @register_check("reward_change", needs=("reward",), title="reward")
