@@ -244,6 +244,7 @@ class FlowConfig:
                                                   "advantage.params.weights['diversity/<name>'])")
     kl_weight: dict[str, Any] = field(default_factory=lambda: {"name": "uniform"}, help="weight of each step's KL by its noise level: "
                                       "{name: a registered weight (flowrl.flow.kl_weights: uniform, sigma_power, early_steps), ...params}")
+    sample_subset: Optional[dict[str, Any]] = field(None, help="train on a subset of each group: {name: a sample selector (flowrl.core.sample_subset: drift, top), keep: samples kept per group (<= group_size), ...params}; the rest leave the loss and the group statistics")
     critic: CriticConfig = field(default_factory=CriticConfig, help="AC-Flow critic")
 
     def __post_init__(self):

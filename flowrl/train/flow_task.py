@@ -102,13 +102,14 @@ class FlowTask(TaskBase):
             self.guidance = Guidance(self.process_reward, scale=g.scale, kl_beta=g.kl_beta, normalize=g.normalize,
                                      window=tuple(g.window) if g.window else None, estimator=g.estimator,
                                      logprob_mean=g.logprob_mean)
-        from flowrl.train.flow_diversity import DiversityBonuses
+        from flowrl.train.flow_diversity import DiversityBonuses, SampleSubset
 
-        if self.fc.diversity_bonus and (B // self.world) % cfg.group_size:
-            raise ValueError(f"flow.diversity_bonus compares the samples of a group, which must be on one process: "
-                             f"prompts_per_iter * group_size / processes = {B // self.world} is not a multiple of "
-                             f"group_size={cfg.group_size}")
+        if (self.fc.diversity_bonus or self.fc.sample_subset) and (B // self.world) % cfg.group_size:
+            raise ValueError(f"flow.diversity_bonus and flow.sample_subset compare the samples of a group, which must be "
+                             f"on one process: prompts_per_iter * group_size / processes = {B // self.world} is not a "
+                             f"multiple of group_size={cfg.group_size}")
         self.diversity = DiversityBonuses(self.fc.diversity_bonus)
+        self.subset = SampleSubset(self.fc.sample_subset)
         algorithm.setup(self)
 
     # ------------------------------------------------------------------ model plumbing
@@ -163,8 +164,13 @@ class FlowTask(TaskBase):
                                                            self.prompt_set.meta(prompt_of_row.tolist()))
         metrics = dict(metrics)
         metrics["reward"] = float(outcome[valid].mean()) if bool(valid.any()) else float("nan")
-        if self.diversity:  # flow.diversity_bonus: each sample rewarded for differing from its group
-            bonus, bonus_parts = self.diversity(traj.samples, rows // G, outcome)
+        keep = None
+        if self.subset:  # flow.sample_subset: the rest of each group leaves the loss and the group statistics
+            keep = self.subset(traj.samples, rows // G, outcome, valid).to(valid.device)
+            metrics["subset/kept_frac"] = float(keep.float().mean())
+            valid = valid & keep
+        if self.diversity:  # flow.diversity_bonus: each sample rewarded for differing from its group (kept ones)
+            bonus, bonus_parts = self.diversity(traj.samples, rows // G, outcome, keep=keep)
             outcome = outcome + bonus.to(outcome.device)
             parts = {**parts, **bonus_parts}
             for k, v in bonus_parts.items():

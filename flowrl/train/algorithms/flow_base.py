@@ -58,7 +58,7 @@ class FlowAlgorithm(Algorithm):
                              "batch; use flow.timestep_subset=batch (per-sample subsets: dance_grpo)")
         from flowrl.train.flow_diversity import check_diversity_config
 
-        check_diversity_config(fc)
+        check_diversity_config(fc, cfg.group_size)
         if fc.kl_weight.get("name") != "uniform" and not cfg.loss.kl_beta > 0:
             raise ValueError(f"flow.kl_weight={fc.kl_weight} has no effect with loss.kl_beta={cfg.loss.kl_beta}: set "
                              "loss.kl_beta > 0 or leave flow.kl_weight {name: uniform}")
