@@ -55,7 +55,10 @@ def test_digits_report_has_judge_realism_and_diversity(tmp_path):
     text = write_report(_run_dir(tmp_path / "digits", DIGITS, DIGITS_PLAN)).read_text()
     assert "the independent judge agrees with the reward model: judge 95.0%, reward classifier 97.0%" in text
     assert "distance to the nearest real sample 1.850 -> 1.660 (-10.3%" in text
-    assert "mean distance between samples of one prompt 2.310 -> 1.360" in text
+    # the README's Flow-GRPO figures: the pixel diversity fell to 0.59x, a collapse (below 0.7x), not hacking
+    assert "diversity collapsed to 59% of the start (mean distance between samples of one prompt: diversity " \
+           "2.310 -> 1.360; flagged below 70%)" in text
+    assert "**Diversity collapsed:**" in text
     assert "the demo's bar" in text and "**met**" in text
     assert "No sign of reward hacking" in text and "Reward hacking suspected" not in text
     assert "miracle" not in text.lower()
@@ -118,3 +121,18 @@ def test_curves_plot_the_declared_metrics_with_diversity(tmp_path):
     assert "diversity" in _curve_keys(out)
     llm = _run_dir(tmp_path / "arith", ARITH, LLM_PLAN)
     assert _curve_keys(llm, LLM_PLAN) == ["reward", "accuracy", "miracle_rate", "all_steps_correct", "step_accuracy"]
+
+
+def test_an_llm_report_shows_sampled_pass_at_k_and_distinct_correct(tmp_path):
+    from flowrl.train.loop import _curve_keys
+
+    plan = ReportPlan(metrics=LLM_PLAN.metrics + ("pass@1", "pass@8", "distinct_correct"), checks=LLM_PLAN.checks,
+                      source="the LLM task")
+    evals = [dict(ARITH[0], **{"pass@1": 0.30, "pass@8": 0.80, "distinct_correct": 2.5}),
+             dict(ARITH[1], **{"pass@1": 0.60, "pass@8": 0.78, "distinct_correct": 1.25})]
+    out = _run_dir(tmp_path / "passk", evals, plan)
+    text = write_report(out).read_text()
+    for row in ("| pass@1 | 0.3000 | 0.6000 | +0.3000 |", "| pass@8 | 0.8000 | 0.7800 | -0.0200 |",
+                "| distinct_correct | 2.5000 | 1.2500 | -1.2500 |"):
+        assert row in text
+    assert {"pass@1", "pass@8", "distinct_correct"} <= set(_curve_keys(out, plan))

@@ -131,6 +131,12 @@ class EvalConfig:
     batch_size: int = field(0, help="flow: evaluation samples per sampler call (each call its own seed, eval.seed + chunk "
                                     "index); the chunks are shared out over the ranks and the scores gathered. 0: one "
                                     "call per rank (one process: the whole set in one call)")
+    diversity_features: Optional[Any] = field(default_factory=lambda: {"name": "pixels", "size": 64},
+                                              help="flow, generic evaluation: the feature space of the logged diversity "
+                                              "(mean pairwise distance of a prompt's samples) and Vendi score, per prompt, "
+                                              "mean over prompts: a registered sample feature (flowrl.rewards.features: "
+                                              "pixels, clip) or {name, ...options}; null: not measured. Needs "
+                                              "num_per_prompt >= 2. Adapters with their own evaluation (digits) measure theirs")
     pass_k: list[int] = field(default_factory=lambda: [1, 8], help="LLM: the k of the sampled pass@k logged at each "
                               "evaluation (pass@<k>, Codex's unbiased estimator; each k <= pass_samples)")
     pass_samples: int = field(16, help="LLM: completions sampled per problem for pass@k and distinct_correct, at the "
@@ -146,6 +152,10 @@ class EvalConfig:
         check(finite(self.video_fps) and self.video_fps > 0, f"video_fps={self.video_fps}: must be finite and > 0")
         check(self.table_rows >= 0, f"table_rows={self.table_rows}: must be >= 0 (0: no table)")
         check(self.batch_size >= 0, f"batch_size={self.batch_size}: must be >= 0 (0: one sampler call per rank)")
+        check(self.diversity_features is None or isinstance(self.diversity_features, str)
+              or (isinstance(self.diversity_features, dict) and isinstance(self.diversity_features.get("name"), str)),
+              f"diversity_features={self.diversity_features!r}: must be a registered sample feature's name, "
+              "{name: ..., ...options}, or null (no diversity measured)")
         check(self.pass_problems >= 0, f"pass_problems={self.pass_problems}: must be >= 0 (0: no sampled evaluation)")
         check(self.pass_samples >= 1, f"pass_samples={self.pass_samples}: must be >= 1")
         check(self.pass_problems == 0 or (len(self.pass_k) > 0 and all(1 <= k <= self.pass_samples for k in self.pass_k)),

@@ -10,6 +10,11 @@ With a batch size set, the samples depend on the chunks, not on the number of pr
 
 Every rank makes the same number of sampler calls (a rank short of chunks samples a spare one and drops it):
 under DDP or FSDP a forward pass may be a collective, and unequal counts would hang the run.
+
+Diversity (``eval.diversity_features``): each chunk's samples also go through a feature extractor of
+``flowrl.rewards.features`` (the rows' features travel with the reward parts, with their row indices, and are
+gathered with them), and :func:`diversity_metrics` measures, per evaluation prompt, the mean pairwise distance
+and the Vendi score of its n samples, averaged over the prompts.
 """
 from __future__ import annotations
 
@@ -74,13 +79,20 @@ def gather_parts(parts: dict[str, Tensor], world: int) -> dict[str, Tensor]:
 
 def scored_eval_parts(sample_fn: Callable[..., Tensor], score_fn: Callable[[Tensor, list[str]], dict[str, Tensor]],
                       prompts: Sequence[str], n: int, seed: int, *, batch_size: int, rank: int, world: int,
-                      keep: Optional[Callable[[Tensor, list[str], dict[str, Tensor]], Any]] = None) -> dict[str, Tensor]:
+                      keep: Optional[Callable[[Tensor, list[str], dict[str, Tensor]], Any]] = None,
+                      features: Optional[Callable[[Tensor], Tensor]] = None) -> dict[str, Tensor]:
     """The reward parts of all N evaluation rows (gathered over ranks). ``score_fn(samples, prompts)`` gives one
-    chunk's parts; ``keep(samples, prompts, parts)``, when given, sees every real chunk (the grid keeps images)."""
+    chunk's parts; ``keep(samples, prompts, parts)``, when given, sees every real chunk (the grid keeps images).
+    ``features(samples) -> float [b, D]``, when given, adds the parts FEATURES_KEY (the rows' features) and
+    ROW_KEY (their row indices in 0..N-1, long), which :func:`pop_diversity` takes out again."""
     mine, spare = [], None
-    for _, rows, samples, real in sample_chunks(sample_fn, prompts, n, seed, batch_size=batch_size, rank=rank,
+    chunks = eval_chunks(len(prompts) * n, batch_size, world)
+    for j, rows, samples, real in sample_chunks(sample_fn, prompts, n, seed, batch_size=batch_size, rank=rank,
                                                 world=world):
         p = score_fn(samples, rows)
+        if features is not None:
+            f = features(samples).float()
+            p = {**p, FEATURES_KEY: f, ROW_KEY: torch.arange(*chunks[j], device=f.device)}
         if real:
             mine.append(p)
             if keep is not None:
@@ -88,3 +100,66 @@ def scored_eval_parts(sample_fn: Callable[..., Tensor], score_fn: Callable[[Tens
         elif spare is None:
             spare = {k: v[:0] for k, v in p.items()}  # a rank with no real chunk still gathers the right dtypes
     return gather_parts(cat_parts(mine) if mine else spare, world)
+
+
+# ---------------------------------------------------------------------------------------------- diversity
+FEATURES_KEY = "flowrl:eval_features"
+ROW_KEY = "flowrl:eval_row"
+
+
+def eval_features(spec: Any) -> Optional[Callable[[Tensor], Tensor]]:
+    """The feature extractor named by ``eval.diversity_features`` (a registered name, ``{name, ...options}``, or
+    None: no diversity measured), built once; its Vendi kernel options come with it (:func:`vendi_options`)."""
+    if spec is None:
+        return None
+    from flowrl.rewards.features import FEATURES, build_features
+
+    name, opts = feature_spec(spec)
+    try:
+        FEATURES.check_params(name, opts)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"eval.diversity_features={spec!r}: {e}") from None
+    return build_features(name, **opts)
+
+
+def feature_spec(spec: Any) -> tuple[str, dict]:
+    """(name, options) of a feature spec: a registered name or a mapping {name, ...options}."""
+    if isinstance(spec, str):
+        return spec, {}
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise ValueError(f"eval.diversity_features={spec!r}: must be a registered sample feature's name, "
+                         "{name: ..., ...options}, or null (no diversity measured)")
+    opts = dict(spec)
+    return opts.pop("name"), opts
+
+
+def vendi_options(spec: Any) -> dict:
+    """The Vendi kernel of the features named by ``spec``: their registry entry's ``vendi`` meta (cosine when
+    the entry names none)."""
+    from flowrl.rewards.features import FEATURES
+
+    return dict(FEATURES.meta(feature_spec(spec)[0]).get("vendi", {"kernel": "cosine"}))
+
+
+def pop_diversity(parts: dict[str, Tensor], n: int, vendi: Optional[dict] = None) -> dict[str, float]:
+    """Take the features out of the gathered ``parts`` (in place) and return :func:`diversity_metrics` of them
+    ({} when the parts hold none)."""
+    if FEATURES_KEY not in parts:
+        return {}
+    f, row = parts.pop(FEATURES_KEY), parts.pop(ROW_KEY)
+    return diversity_metrics(f, row // n, vendi)
+
+
+def diversity_metrics(features: Tensor, group: Tensor, vendi: Optional[dict] = None) -> dict[str, float]:
+    """``diversity``: mean over prompts of the mean distance between the features of a prompt's samples (ordered
+    pairs i != j); ``vendi``: mean over prompts of the Vendi score of its samples (``flowrl.core.diversity``,
+    kernel options ``vendi``). features float [N, D], group long [N] (the prompt of each row). Prompts with one
+    sample have no pair and count in neither mean; with no prompt of two samples, nothing is measured ({})."""
+    from flowrl.core.diversity import group_mean_pairwise_distance, vendi_score
+
+    per_prompt, _ = group_mean_pairwise_distance(features, group)
+    has = ~per_prompt.isnan()
+    if not bool(has.any()):
+        return {}
+    vs, _ = vendi_score(features, group, **(vendi or {}))
+    return {"diversity": float(per_prompt[has].mean()), "vendi": float(vs[has].mean())}

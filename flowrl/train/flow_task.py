@@ -110,6 +110,12 @@ class FlowTask(TaskBase):
                              f"multiple of group_size={cfg.group_size}")
         self.diversity = DiversityBonuses(self.fc.diversity_bonus)
         self.subset = SampleSubset(self.fc.sample_subset)
+        from flowrl.train.flow_eval import eval_features
+
+        # eval.diversity_features: built once (a CLIP model, say); None where nothing is measured: the adapter
+        # evaluates itself, or one sample per prompt has no pair to compare
+        measured = not isinstance(self.pipe, OwnEvaluation) and cfg.eval.num_per_prompt >= 2
+        self.eval_features = eval_features(cfg.eval.diversity_features) if measured else None
         algorithm.setup(self)
 
     # ------------------------------------------------------------------ model plumbing
@@ -227,15 +233,18 @@ class FlowTask(TaskBase):
     def _evaluate(self, n: int, seed: int, guidance: Optional[Guidance], kw: dict) -> dict[str, float]:
         if isinstance(self.pipe, OwnEvaluation):
             return self.pipe.evaluate(num_per_prompt=n, seed=seed, guidance=guidance, **kw)
-        from flowrl.train.flow_eval import scored_eval_parts
+        from flowrl.train.flow_eval import pop_diversity, scored_eval_parts, vendi_options
 
         # chunks of eval.batch_size shared out over the ranks, scores gathered (flowrl.train.flow_eval)
         parts = scored_eval_parts(self._eval_sampler(guidance, kw), self._eval_scorer, self.eval_prompts, n, seed,
-                                  batch_size=self.cfg.eval.batch_size, rank=self.rank, world=self.world)
+                                  batch_size=self.cfg.eval.batch_size, rank=self.rank, world=self.world,
+                                  features=self.eval_features)
+        diversity = pop_diversity(parts, n, vendi_options(self.cfg.eval.diversity_features)) \
+            if self.eval_features is not None else {}  # per prompt, mean over prompts: diversity, vendi
         outcome, valid, metrics = self.reward.combine(parts)
         out = {k.removeprefix("reward/"): v for k, v in metrics.items()}
         out["reward"] = float(outcome[valid].mean())
-        return out
+        return {**out, **diversity}
 
     def _eval_scorer(self, samples, prompts: list[str]):
         """The run's rewards on evaluation samples, with the metadata columns of their prompts."""
@@ -283,7 +292,8 @@ class FlowTask(TaskBase):
 
         if isinstance(self.pipe, OwnReport):
             return ReportPlan.from_dict(self.pipe.report_plan(), source=f"the {self.fc.model!r} adapter's evaluation")
-        return ReportPlan(metrics=("reward", *self.reward.weights), checks=("reward_change",),
+        div = ("diversity", "vendi") if self.eval_features is not None else ()  # collapse checks where measured
+        return ReportPlan(metrics=("reward", *self.reward.weights, *div), checks=("reward_change", *div),
                           source="the flow task (the run's own rewards)")
 
     def export(self, out_dir: Path, state: Optional[dict[str, Tensor]] = None) -> None:

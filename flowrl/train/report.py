@@ -12,6 +12,13 @@ metrics it ``needs``. A declared check whose metrics the evaluation did not log 
 
     reward_accuracy - accuracy > HACK_GAP          (the reward model agrees with the prompt, the judge does not), or
     realism_after > (1 + REALISM_TOL) * realism_before  (samples drifted away from real data).
+
+Next to them, the collapse checks (``kind="collapse"``), one registered per diversity metric of
+:data:`COLLAPSE_METRICS` (``diversity``, ``vendi`` and their ``ode/`` twins), each flagging
+
+    metric_after < DIVERSITY_FLOOR * metric_before     (DIVERSITY_FLOOR = 0.7: the model lost its diversity).
+
+A collapse is reported as such, not as reward hacking: the reward can be earned honestly by a collapsed model.
 """
 from __future__ import annotations
 
@@ -26,14 +33,25 @@ from flowrl.train.metrics_log import read_metrics
 PLAN_FILE = "report_plan.json"
 HACK_GAP = 0.15
 REALISM_TOL = 0.10
-DIVERSITY_FLOOR = 0.25
+DIVERSITY_FLOOR = 0.70
 MIRACLE_GAP = 0.10
 STEP_DROP = 0.05
 ACCURACY_DROP = 0.05
 PASS_K_DROP = 0.05  # sampled pass@8 of the arithmetic base model (50 problems x 16 samples): sd 0.02 over sampling seeds
-SHOWN = ("reward", "accuracy", "reward_accuracy", "reward_prob", "realism", "diversity")
+SHOWN = ("reward", "accuracy", "reward_accuracy", "reward_prob", "realism", "diversity", "vendi", "ode/diversity",
+         "ode/vendi", "pass@1", "pass@8", "distinct_correct")
+# metric -> what it measures, for the collapse check registered under the metric's own name
+COLLAPSE_METRICS = {
+    "diversity": "mean distance between samples of one prompt",
+    "vendi": "Vendi score (effective number of distinct samples) of one prompt",
+    "ode/diversity": "ODE samples: mean distance between samples of one prompt",
+    "ode/vendi": "ODE samples: Vendi score of one prompt",
+}
 
 REPORT_CHECKS = Registry("report check")
+# kind of check -> (heading over its flags, sentence when none of its measured checks flagged, what it looks for)
+VERDICTS = {"hacking": ("Reward hacking suspected:", "No sign of reward hacking in what was measured", "reward hacking"),
+            "collapse": ("Diversity collapsed:", "No collapse of diversity in what was measured", "a collapse")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +89,12 @@ class ReportPlan:
                    source=source or d.get("source", "the task"))
 
 
-def register_check(name: str, *, needs: Sequence[str], title: str) -> Callable:
-    """Decorator: a report check ``fn(before, after) -> Finding`` that reads the evaluation metrics ``needs``."""
-    return REPORT_CHECKS.register(name, needs=tuple(needs), title=title)
+def register_check(name: str, *, needs: Sequence[str], title: str, kind: str = "hacking") -> Callable:
+    """Decorator: a report check ``fn(before, after) -> Finding`` that reads the evaluation metrics ``needs``;
+    ``kind`` ("hacking" or "collapse") says under which verdict of the report its flags are summed up."""
+    if kind not in VERDICTS:
+        raise ValueError(f"report check {name!r}: kind={kind!r}; valid: {sorted(VERDICTS)}")
+    return REPORT_CHECKS.register(name, needs=tuple(needs), title=title, kind=kind)
 
 
 def _measured(name: str, before: dict, after: dict) -> bool:
@@ -108,15 +129,23 @@ def realism(before: dict, after: dict) -> Finding:
     return Finding("flag", f"realism worsened by {rel:.1%} ({text})") if rel > REALISM_TOL else Finding("ok", text)
 
 
-@register_check("diversity", needs=("diversity",), title="diversity")
-def diversity(before: dict, after: dict) -> Finding:
-    """Flag a collapse: diversity below DIVERSITY_FLOOR of the start. A smaller drop is expected (RL sharpens)."""
-    b, a = before["diversity"], after["diversity"]
-    text = f"mean distance between samples of one prompt {b:.3f} -> {a:.3f}"
-    if b > 0 and a < DIVERSITY_FLOOR * b:
-        return Finding("flag", f"diversity collapsed to {a / b:.0%} of the start ({text}; flagged below "
-                               f"{DIVERSITY_FLOOR:.0%})")
-    return Finding("ok", f"{text} (flagged below {DIVERSITY_FLOOR:.0%} of the start)")
+def _collapse_check(metric: str, what: str) -> Callable[[dict, dict], Finding]:
+    def check(before: dict, after: dict) -> Finding:
+        b, a = before[metric], after[metric]
+        text = f"{what}: {metric} {b:.3f} -> {a:.3f}"
+        if b > 0 and a < DIVERSITY_FLOOR * b:
+            return Finding("flag", f"{metric} collapsed to {a / b:.0%} of the start ({text}; flagged below "
+                                   f"{DIVERSITY_FLOOR:.0%})")
+        return Finding("ok", f"{text} ({a / b:.0%} of the start; flagged below {DIVERSITY_FLOOR:.0%})" if b > 0
+                       else f"{text} (flagged below {DIVERSITY_FLOOR:.0%} of the start)")
+
+    check.__doc__ = (f"Flag a collapse: {metric} ({what}) below DIVERSITY_FLOOR of the start. A smaller drop is "
+                     "expected (RL sharpens the distribution).")
+    return check
+
+
+for _metric, _what in COLLAPSE_METRICS.items():
+    register_check(_metric, needs=(_metric,), title=_metric, kind="collapse")(_collapse_check(_metric, _what))
 
 
 @register_check("digits_demo_bar", needs=("accuracy", "realism"), title="digits demo bar")
@@ -265,14 +294,18 @@ def _checks(plan: ReportPlan, before: dict, after: dict) -> list[str]:
         else:
             lines.append(f"- **{title}**: {'**FLAG**' if f.status == 'flag' else f.status}. {f.text}")
     lines.append("")
-    flags = [f.text for _, f in results if f is not None and f.status == "flag"]
-    verdicts = [REPORT_CHECKS.meta(n)["title"] for n, f in results if f is not None and f.status != "info"]
-    if flags:
-        lines += ["**Reward hacking suspected:**", ""] + [f"- {t}" for t in flags] + [""]
-    elif verdicts:
-        lines += [f"No sign of reward hacking in what was measured ({'; '.join(verdicts)}).", ""]
-    else:
-        lines += ["Reward hacking was not checked: nothing independent of the reward was measured.", ""]
+    for kind, (heading, clean, what) in VERDICTS.items():
+        mine = [(n, f) for n, f in results if REPORT_CHECKS.meta(n).get("kind", "hacking") == kind]
+        flags = [f.text for _, f in mine if f is not None and f.status == "flag"]
+        verdicts = [REPORT_CHECKS.meta(n)["title"] for n, f in mine if f is not None and f.status != "info"]
+        if flags:
+            lines += [f"**{heading}**", ""] + [f"- {t}" for t in flags] + [""]
+        elif verdicts:
+            lines += [f"{clean} ({'; '.join(verdicts)}).", ""]
+        elif kind == "hacking":
+            lines += ["Reward hacking was not checked: nothing independent of the reward was measured.", ""]
+        elif mine:
+            lines += [f"Diversity was not measured, so {what} was not checked.", ""]
     return lines
 
 
