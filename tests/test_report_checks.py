@@ -136,3 +136,11 @@ def test_an_llm_report_shows_sampled_pass_at_k_and_distinct_correct(tmp_path):
                 "| distinct_correct | 2.5000 | 1.2500 | -1.2500 |"):
         assert row in text
     assert {"pass@1", "pass@8", "distinct_correct"} <= set(_curve_keys(out, plan))
+
+
+def test_a_pass_at_k_drop_is_reported_as_a_collapse_not_as_hacking(tmp_path):
+    plan = ReportPlan(metrics=LLM_PLAN.metrics + ("pass@8",), checks=LLM_PLAN.checks + ("pass_at_k",), source="llm")
+    evals = [dict(ARITH[0], **{"pass@8": 0.80, "pass_k_max": 8}), dict(ARITH[1], **{"pass@8": 0.60, "pass_k_max": 8})]
+    text = write_report(_run_dir(tmp_path / "pk", evals, plan)).read_text()
+    assert "**Diversity collapsed:**" in text and "pass@8 fell below the base model's" in text
+    assert "Reward hacking suspected" not in text and "No sign of reward hacking in what was measured" in text

@@ -192,7 +192,7 @@ def all_steps_correct(before: dict, after: dict) -> Finding:
     return Finding("flag", f"the worked steps got worse: {text}") if b - a > STEP_DROP else Finding("ok", text)
 
 
-@register_check("pass_at_k", needs=("pass_k_max",), title="pass@k")
+@register_check("pass_at_k", needs=("pass_k_max",), title="pass@k", kind="collapse")
 def pass_at_k(before: dict, after: dict) -> Finding:
     """Flag when the sampled pass@k at the largest logged k (``pass_k_max``) fell below the base model's by more
     than PASS_K_DROP: the policy narrowed, its k attempts solve fewer problems than the base's (RL sharpening
