@@ -350,3 +350,23 @@ def test_digits_rollout_with_bonuses_and_subset():
     kept = b.outcome[keep].view(3, 4)  # group statistics of the kept samples: standardised advantages
     z = (kept - kept.mean(1, keepdim=True)) / (kept.std(1, keepdim=True) + 1e-4)
     assert torch.allclose(adv[keep][:, 0].view(3, 4), z, atol=1e-3)
+
+
+def test_docs_yaml_blocks_load():
+    """Every YAML block of docs/diversity.md, laid over the digits config, is a valid config."""
+    import json
+    import re
+
+    import yaml
+
+    from flowrl.config import load
+    from flowrl.train.config import TrainConfig
+
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "docs/diversity.md").read_text(), re.S)
+    assert len(blocks) >= 2
+    for block in blocks:
+        over = []
+        for k, v in yaml.safe_load(block).items():
+            items = v.items() if k == "flow" else [(None, v)]
+            over += [f"{k}.{k2}={json.dumps(v2)}" if k2 else f"{k}={json.dumps(v2)}" for k2, v2 in items]
+        load(TrainConfig, DIGITS, over)
