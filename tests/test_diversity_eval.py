@@ -165,12 +165,19 @@ def _task(sd3_dir, *overrides):
     return FlowTask(cfg, Accelerator(cpu=True))
 
 
+@pytest.fixture(scope="module")
+def task(sd3_dir):
+    """The tiny SD3 with two evaluation prompts, 3 samples each, the default pixel features (one per module: the
+    tests below change its eval settings with monkeypatch)."""
+    return _task(sd3_dir)
+
+
 @pytest.mark.parametrize("batch_size", [0, 2])
-def test_generic_flow_eval_logs_diversity_per_prompt(sd3_dir, batch_size):
+def test_generic_flow_eval_logs_diversity_per_prompt(task, batch_size, monkeypatch):
     from flowrl.core.diversity import vendi_score
     from flowrl.flow.sampler import sample
 
-    task = _task(sd3_dir, f"eval.batch_size={batch_size}")
+    monkeypatch.setattr(task.cfg.eval, "batch_size", batch_size)
     kw = dict(num_steps=2, kind="flow_sde", noise_level=0.7, cfg_scale=None)
     m = task._evaluate(3, 11, None, kw)
     prompts = ["a red cube", "a blue ball"]
@@ -190,15 +197,30 @@ def test_generic_flow_eval_logs_diversity_per_prompt(sd3_dir, batch_size):
     assert {"diversity", "vendi"} <= set(plan.checks) and {"diversity", "vendi"} <= set(plan.metrics)
 
 
-def test_generic_flow_eval_in_clip_space_and_not_measured_with_one_sample(sd3_dir, tiny_clip):
-    spec = "{" + ", ".join(f"{k}: {v}" for k, v in tiny_clip.items()) + "}"
-    task = _task(sd3_dir, f"eval.diversity_features={spec}")
+def test_generic_flow_eval_in_clip_space_and_not_measured_with_one_sample(task, sd3_dir, tiny_clip, monkeypatch):
+    from flowrl.train.flow_eval import eval_features
+
+    monkeypatch.setattr(task.cfg.eval, "diversity_features", dict(tiny_clip))
+    monkeypatch.setattr(task, "eval_features", eval_features(dict(tiny_clip)))  # as the task builds it
     m = task._evaluate(3, 11, None, dict(num_steps=2, kind="flow_sde", noise_level=0.7, cfg_scale=None))
     assert 0.0 < m["diversity"] <= 2.0 and 1.0 <= m["vendi"] <= 3.0, m  # unit embeddings; 3 samples per prompt
+    spec = "{" + ", ".join(f"{k}: {v}" for k, v in tiny_clip.items()) + "}"
     one = _task(sd3_dir, "eval.num_per_prompt=1", f"eval.diversity_features={spec}")
     assert one.eval_features is None  # one sample per prompt: no pair, no CLIP model loaded
     assert "diversity" not in one._evaluate(1, 11, None, dict(num_steps=2, kind="ode", noise_level=0.0, cfg_scale=None))
-    from flowrl.train.flow_eval import eval_features
-
     with pytest.raises(ValueError, match="eval.diversity_features='nope'.*pixels"):  # the task builds it with this
         eval_features("nope")
+
+
+def test_two_ranks_gathered_rank_major_measure_what_one_process_measures(task, monkeypatch):
+    import flowrl.train.flow_eval as fe
+
+    sampler = task._eval_sampler(None, dict(num_steps=2, kind="flow_sde", noise_level=0.7, cfg_scale=None))
+    feats = build_features("pixels", size=64)
+    run = dict(batch_size=2, features=feats)
+    one = fe.pop_diversity(fe.scored_eval_parts(sampler, task.reward, task.eval_prompts, 3, 7, rank=0, world=1, **run), 3)
+    monkeypatch.setattr(fe, "gather_parts", lambda parts, world: parts)  # each rank's own rows
+    ranks = [fe.scored_eval_parts(sampler, task.reward, task.eval_prompts, 3, 7, rank=r, world=2, **run) for r in (0, 1)]
+    assert [p[fe.ROW_KEY].tolist() for p in ranks] == [[0, 1, 4, 5], [2, 3]]  # chunks 0, 2 | 1: not in row order
+    gathered = fe.cat_parts(ranks)  # what gather_parts returns: rank 0's rows first
+    assert fe.pop_diversity(gathered, 3) == pytest.approx(one, rel=1e-6) and set(one) == {"diversity", "vendi"}
