@@ -17,7 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 ARITH = sorted((ROOT / "configs" / "arith").glob("*.yaml"))
 TINY = ["iterations=1", "prompts_per_iter=4", "group_size=4", "eval.every=100", "llm.eval_size=8",
-        "llm.dataset_size=64", "progress=false", "trackers=[]", "save_every=100", "max_minutes=0"]
+        "llm.dataset_size=64", "progress=false", "trackers=[]", "save_every=100", "max_minutes=0",
+        "eval.pass_problems=0"]  # no sampled pass@k evaluation: tests/test_passk.py covers it
 
 
 def cfg_of(path, *overrides):

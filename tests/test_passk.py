@@ -6,6 +6,7 @@ import itertools
 import math
 import os
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch
 from flowrl.core import TrajectoryBatch, compute_advantages
 from flowrl.core.estimators.passk import pass_at_k_group_advantages
 from flowrl.core.passk import binom_ratio, pass_at_k
-from flowrl.train.llm_eval import distinct_correct, normalise_text, pass_subset
+from flowrl.train.llm_eval import distinct_correct, normalise_text, pass_k_metrics, pass_subset
 from flowrl.train.report import PASS_K_DROP, REPORT_CHECKS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -172,3 +173,28 @@ def test_report_flags_a_pass_at_k_drop_beyond_the_tolerance():
     assert check(base, kept).status == "ok"
     f = check(base, fell)
     assert f.status == "flag" and "pass@8 73.0% -> 67.0%" in f.text and "pass@1 27.0% -> 60.0%" in f.text
+
+
+# ----------------------------------------------------------------------------- the LLM task's evaluation
+def test_llm_evaluation_logs_sampled_pass_at_k_without_moving_the_training_rng(tmp_path):
+    from accelerate import Accelerator
+
+    from flowrl.config import load
+    from flowrl.train.config import TrainConfig
+    from flowrl.train.llm_task import LLMTask
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load(TrainConfig, root / "configs/arith/grpo.yaml",
+               ["llm.eval_size=8", "llm.dataset_size=16", "progress=false", "trackers=[]", "eval.pass_problems=4",
+                "eval.pass_samples=4", "eval.pass_k=[1, 4]", "eval.table_rows=0"])
+    task = LLMTask(cfg, Accelerator(cpu=True))
+    torch.manual_seed(7)
+    state = torch.random.get_rng_state()
+    m = task.evaluate(0, tmp_path)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the training run's random stream did not move
+    assert {"accuracy", "pass@1", "pass@4", "distinct_correct", "pass_k_max"} <= set(m) and m["pass_k_max"] == 4.0
+    assert 0.0 < m["pass@1"] <= m["pass@4"] <= 1.0 and 0.0 < m["distinct_correct"] <= 4.0
+    again = pass_k_metrics(task)
+    assert again == {k: m[k] for k in again}  # the same subset and draws at every evaluation
+    plan = task.report_plan()
+    assert {"pass@1", "pass@4", "distinct_correct"} <= set(plan.metrics) and "pass_at_k" in plan.checks

@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 HERE = str(Path(__file__).resolve())
 SMALL = ["prompts_per_iter=4", "group_size=4", "llm.eval_size=16", "progress=false", "trackers=[]", "save_every=100",
-         "max_minutes=0", f"llm.data_path={ROOT / 'data' / 'arith_math.jsonl'}",
+         "max_minutes=0", "eval.pass_problems=0", f"llm.data_path={ROOT / 'data' / 'arith_math.jsonl'}",
          f"llm.eval_data={ROOT / 'data' / 'arith_math_eval.jsonl'}"]
 
 
