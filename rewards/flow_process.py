@@ -78,11 +78,18 @@ class DigitsReward(Reward):
     classifier and d_b the asked digit (meta["digit"] or parsed from the prompt). Images float
     [B, 1, 8, 8] in [0, 1]. Differentiable in the images. Returns {name: float [B], name/accuracy: float [B]}.
     ``directory``: where classifier.safetensors/.json live (default: the shipped weights).
+    ``saturate_at`` = s in (0, 1]: the score is min(p / s, 1) instead of p, so a sample the classifier is already
+    sure of (p >= s) earns no more for looking even more like the classifier's prototype of its digit. Every such
+    sample of a group then scores alike, which leaves the group's correct drawings as varied as they are: the
+    reward stops pulling them toward one mode (the diversity recipe's choice; None keeps p).
     """
 
     def __init__(self, *, directory: Optional[str] = None, digit_key: str = "digit", device: Optional[str] = None,
-                 name: Optional[str] = None, on_error: str = "raise"):
+                 name: Optional[str] = None, on_error: str = "raise", saturate_at: Optional[float] = None):
         super().__init__(name=name, on_error=on_error)
+        if saturate_at is not None and not 0.0 < float(saturate_at) <= 1.0:
+            raise ValueError(f"digits reward: saturate_at={saturate_at!r} must be in (0, 1] (or null: the probability itself)")
+        self.saturate_at = None if saturate_at is None else float(saturate_at)
         from flowrl.pipelines.digits import load_digit_classifier
 
         self.device = torch.device(device or "cpu")
@@ -96,7 +103,8 @@ class DigitsReward(Reward):
         d = _asked_digits(prompts, meta, self.digit_key, x.shape[0], self.device)
         logits = self.classifier(x)
         p = logits.softmax(-1).gather(1, d[:, None]).squeeze(1)
-        return {self.name: p, f"{self.name}/accuracy": (logits.argmax(-1) == d).float()}
+        score = p if self.saturate_at is None else (p / self.saturate_at).clamp_max(1.0)
+        return {self.name: score, f"{self.name}/accuracy": (logits.argmax(-1) == d).float()}
 
 
 @register_process_reward("digits_noisy")

@@ -65,6 +65,29 @@ def test_pairwise_line_and_loops():
         assert torch.allclose(got, _pairwise_loops(f, g, norm), atol=1e-6)
 
 
+def test_pairwise_reward_gate():
+    # the same line, rewards [1, 0.5, 0, 1]: b = r * [1.2, 0.8, 0.8, 1.2] (a poor sample earns nothing for being far)
+    f, r = torch.tensor([[0.0], [1.0], [2.0], [3.0]]), torch.tensor([1.0, 0.5, 0.0, 1.0])
+    b = diversity_bonus("pairwise", f, _z(4), r, reward_gate=True)
+    assert torch.allclose(b, torch.tensor([1.2, 0.4, 0.0, 1.2]), atol=1e-6)
+    f, g = _ragged(0)
+    r = torch.rand(len(g), generator=torch.Generator().manual_seed(0))
+    got = diversity_bonus("pairwise", f, g, r, reward_gate=True).double()
+    assert torch.allclose(got, r.double() * _pairwise_loops(f, g, "group"), atol=1e-6)
+
+
+def test_digits_reward_saturates():
+    from flowrl.rewards import build_reward
+
+    x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    prompts = [f"a handwritten digit {d}" for d in range(6)]
+    p = build_reward("digits")(x, prompts)["digits"]
+    s = build_reward("digits", saturate_at=0.5)(x, prompts)["digits"]
+    assert torch.allclose(s, (p / 0.5).clamp_max(1.0)) and bool((p < 0.5).any())
+    with pytest.raises(ValueError, match="saturate_at"):
+        build_reward("digits", saturate_at=1.5)
+
+
 # ---------------------------------------------------------------------------------------------- cluster_size
 
 def test_cluster_size_hand_worked():

@@ -50,8 +50,12 @@ def _group_mean(x: Tensor, group: Tensor) -> Tensor:
 
 @register_bonus("pairwise")
 def pairwise_bonus(features: Tensor, group: Tensor, reward: Tensor, *, normalize: str = "group",
-                   eps: float = 1e-8) -> Tensor:
-    """Pairwise-distance bonus: b_i = D_i / s, D_i = mean_{j in g(i), j != i} ||f_i - f_j||_2.
+                   reward_gate: bool = False, eps: float = 1e-8) -> Tensor:
+    """Pairwise-distance bonus: b_i = g_i D_i / s, D_i = mean_{j in g(i), j != i} ||f_i - f_j||_2.
+
+    ``reward_gate``: g_i = r_i (the sample's outcome reward, which should lie in [0, 1]), so that only samples that
+    are both good and different earn the bonus (a poor sample is far from the others too, and an ungated bonus
+    rewards it for that); otherwise g_i = 1.
 
     ``normalize``: "group" (s = mean_{j in g(i)} D_j + eps: b has mean 1 in every group, so the bonus ranks samples
     inside a group whatever the group's spread), "batch" (s = the batch's mean D + eps: a group whose samples are
@@ -68,7 +72,8 @@ def pairwise_bonus(features: Tensor, group: Tensor, reward: Tensor, *, normalize
         s = torch.ones_like(D)
     else:
         raise ValueError(f"pairwise bonus: normalize={normalize!r}; valid: ['group', 'batch', 'none']")
-    return D / s
+    gate = reward.to(D.dtype) if reward_gate else torch.ones_like(D)
+    return gate * D / s
 
 
 # ---------------------------------------------------------------------------------------------------------------
