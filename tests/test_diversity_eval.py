@@ -5,7 +5,6 @@ when the evaluation is cut into chunks that straddle prompts)."""
 from __future__ import annotations
 
 import json
-import math
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
