@@ -223,3 +223,13 @@ def test_two_ranks_gathered_rank_major_measure_what_one_process_measures(task, m
     assert [p[fe.ROW_KEY].tolist() for p in ranks] == [[0, 1, 4, 5], [2, 3]]  # chunks 0, 2 | 1: not in row order
     gathered = fe.cat_parts(ranks)  # what gather_parts returns: rank 0's rows first
     assert fe.pop_diversity(gathered, 3) == pytest.approx(one, rel=1e-6) and set(one) == {"diversity", "vendi"}
+
+
+def test_dry_run_checks_the_diversity_features(capsys):
+    from flowrl.train.preflight import run_preflight
+
+    for spec, bad in (("{name: pixels, width: 3}", "width"), ("nope", "nope"), ("clip", None)):
+        rc, failures = run_preflight(load(TrainConfig, None, ["flow.model=digits", f"eval.diversity_features={spec}"]))
+        mine = [f for f in failures if f.startswith("diversity: eval.diversity_features=")]
+        assert (rc == 2 and len(mine) == 1 and bad in mine[0]) if bad else not mine, (spec, failures)
+    assert "ok    diversity clip features, per prompt (20 samples)" in capsys.readouterr().out

@@ -101,6 +101,24 @@ def _gb(b: int) -> str:
     return f"{b / 2**30:9.2f} GiB" if b >= 2**30 else f"{b / 2**20:9.2f} MiB"
 
 
+def _diversity_check(cfg) -> str:
+    """``eval.diversity_features`` (flow): a registered sample feature with options it accepts, and measured only
+    with at least two evaluation samples per prompt."""
+    if family(cfg) != "flow" or cfg.eval.diversity_features is None:
+        return "not measured (eval.diversity_features is null)" if family(cfg) == "flow" else "the task's own"
+    from flowrl.rewards.features import FEATURES
+    from flowrl.train.flow_eval import feature_spec
+
+    name, opts = feature_spec(cfg.eval.diversity_features)
+    try:
+        FEATURES.check_params(name, opts)
+    except (KeyError, TypeError, ValueError) as e:
+        raise PreflightError(f"eval.diversity_features={cfg.eval.diversity_features!r}: {e}") from None
+    if cfg.eval.num_per_prompt < 2:
+        return f"{name} (not measured: eval.num_per_prompt={cfg.eval.num_per_prompt} gives no pair of samples)"
+    return f"{name} features, per prompt ({cfg.eval.num_per_prompt} samples), unless the model adapter evaluates itself"
+
+
 def run_preflight(cfg, config_path: str = "", *, out=None) -> tuple[int, list[str]]:
     """Print the checks and the memory table of ``cfg`` (to ``out``, default stdout); returns (exit status 0 or
     2, failure sentences)."""
@@ -116,7 +134,7 @@ def run_preflight(cfg, config_path: str = "", *, out=None) -> tuple[int, list[st
     row("ok", "config", f"algorithm {cfg.algorithm}, estimator {cfg.advantage.estimator}, loss {cfg.loss.name}, "
                         f"{fam} model {model}")
     checks = (("adapter", _adapter_check), ("data", _data_check),
-              ("rewards", lambda c: ", ".join(_reward_checks(c)) or "the dataset's own"))
+              ("rewards", lambda c: ", ".join(_reward_checks(c)) or "the dataset's own"), ("diversity", _diversity_check))
     for what, fn in checks:
         try:
             row("ok", what, fn(cfg))
