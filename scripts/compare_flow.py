@@ -225,12 +225,12 @@ def claims_paragraph(summary: dict, data: dict) -> str:
     return "Measured: " + "; ".join(parts) + "." if parts else "Flow-GRPO was not run; no comparison."
 
 
-def write_results(path: Path, text: str) -> None:
-    """Replace (or add) the "## Flow models (digits)" section; other sections stay."""
+def write_results(path: Path, text: str, heading: str = SECTION) -> None:
+    """Replace (or add) the section under ``heading`` (default "## Flow models (digits)"); other sections stay."""
     old = path.read_text() if path.exists() else "# Results\n\n"
     notes = ""
-    if SECTION in old:
-        head, rest = old.split(SECTION, 1)
+    if heading in old:
+        head, rest = old.split(heading, 1)
         nxt = rest.find("\n## ")
         tail = rest[nxt + 1:] if nxt >= 0 else ""
         own = rest if nxt < 0 else rest[:nxt]

@@ -98,13 +98,33 @@ def _run(tmp_path: Path, name: str, *overrides: str, config: Path = FLOW_GRPO) -
 SHORT = ["iterations=24", "group_size=8", "eval.every=8", "eval.num_per_prompt=10"]
 
 
+@pytest.fixture(scope="module")
+def short_demo(tmp_path_factory):
+    """The shortened demo, run once for the tests that read it."""
+    return _run(tmp_path_factory.mktemp("demo"), "demo", *SHORT)
+
+
 @pytest.mark.slow
-def test_short_flow_grpo_run_improves_the_judges_accuracy(tmp_path):
-    before, after, report = _run(tmp_path, "demo", *SHORT)
+def test_short_flow_grpo_run_improves_the_judges_accuracy(short_demo):
+    before, after, report = short_demo
     assert after["accuracy"] - before["accuracy"] >= 0.08, (before, after)
     assert after["reward"] - before["reward"] >= 0.15, (before, after)
     assert after["realism"] <= 1.10 * before["realism"], (before, after)
     assert SUSPECTED not in report and "No sign of reward hacking" in report
+
+
+# The diversity recipe (configs/digits/flow_grpo_diverse.yaml: pairwise bonus, noise-level KL) on the same short
+# run. Measured (seed 0): judge accuracy 0.71 -> 0.84, reward 0.50 -> 0.73; per-digit diversity after 1.97 (SDE)
+# and 1.78 (ODE) against the plain demo's 1.74 and 1.45 (base 2.29 and 2.12). Margins about half the gaps.
+@pytest.mark.slow
+def test_short_diverse_run_learns_and_keeps_more_diversity_than_the_demo(tmp_path, short_demo):
+    _, plain, _ = short_demo
+    before, after, report = _run(tmp_path, "diverse", *SHORT, config=ROOT / "configs" / "digits" / "flow_grpo_diverse.yaml")
+    assert after["accuracy"] - before["accuracy"] >= 0.08, (before, after)
+    assert after["reward"] - before["reward"] >= 0.12, (before, after)
+    assert after["diversity"] >= plain["diversity"] + 0.10, (after, plain)
+    assert after["ode/diversity"] >= plain["ode/diversity"] + 0.15, (after, plain)
+    assert SUSPECTED not in report
 
 
 # Shortened AC-Flow (likelihood-free: per-step critic-weighted flow matching, positive-part weights, 4 updates per

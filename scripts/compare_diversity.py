@@ -1,0 +1,247 @@
+"""Accuracy against diversity on the embedded digits model: every flow algorithm with and without the diversity
+methods, several seeds, one table and one Pareto plot.
+
+    .venv/bin/python scripts/compare_diversity.py --seeds 0 1 2 --jobs 2        # run everything, write the results
+    .venv/bin/python scripts/compare_diversity.py --collect-only                 # rebuild from finished runs
+
+Variants of each algorithm ``configs/digits/<algo>.yaml``:
+
+- ``plain``: the config as shipped;
+- ``diverse``: the same config plus the diversity keys of ``configs/digits/flow_grpo_diverse.yaml`` (its
+  ``flow.diversity_bonus``, ``flow.kl_weight`` and ``loss.kl_beta``; read from that file, so the shipped recipe and
+  this experiment cannot drift apart). Algorithms whose own config has a KL (all but ac_flow) take its kl_beta;
+  ac_flow, which trains no KL, takes the bonus only; dance_grpo, whose estimator gives every reward part its own
+  normalised column, weighs the bonus's column by the bonus's weight.
+
+Each run is ``flowrl train`` in its own single-threaded process (``--jobs`` at a time). After training, the script
+evaluates the exported model and the base model with the same fixed evaluation as the demo (20 samples of each
+digit, seed 1234), once with the demo's SDE (Flow-SDE, a = 0.7) and once with the ODE, and reads the judge's
+accuracy and the per-digit diversity (mean pairwise pixel distance between samples of one digit). It writes the
+section "## Diversity on digits" of ``docs/results.md`` (the rest of the file is kept) and
+``docs/diversity_pareto.png`` (judge accuracy against diversity relative to the base model, SDE and ODE panels).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from compare_flow import mean_std, write_results  # noqa: E402  (same results file and statistics)
+
+ALGOS = ("flow_grpo", "dance_grpo", "tp_grpo", "euphonium", "ac_flow")
+VARIANTS = ("plain", "diverse")
+DIVERSE_CONFIG = ROOT / "configs" / "digits" / "flow_grpo_diverse.yaml"
+SECTION = "## Diversity on digits"
+EVAL_SEED, EVAL_N = 1234, 20
+ACC_BAR, DIV_BAR = 0.95, 0.90
+
+
+def diverse_overrides(algo: str) -> list[str]:
+    """--set overrides that add the shipped diversity recipe's keys to ``algo``'s own config."""
+    from flowrl.config import yaml_load
+
+    d = yaml_load(DIVERSE_CONFIG.read_text())
+    flow, loss = d.get("flow", {}), d.get("loss", {})
+    out = [f"flow.diversity_bonus={json.dumps(flow.get('diversity_bonus', []))}"]
+    own = yaml_load((ROOT / "configs" / "digits" / f"{algo}.yaml").read_text())
+    adv = own.get("advantage", {})
+    if adv.get("estimator") == "grpo_per_reward":  # each bonus its own advantage column, weighted as configured
+        w = {"digits": 1.0, **{f"diversity/{b['name']}": b.get("weight", 1.0) for b in flow.get("diversity_bonus", [])}}
+        out += [f"advantage.params={json.dumps({**(adv.get('params') or {}), 'weights': w})}"]
+    if float(own.get("loss", {}).get("kl_beta", 0.0) or 0.0) > 0:
+        out += [f"flow.kl_weight={json.dumps(flow.get('kl_weight', {'name': 'uniform'}))}",
+                f"loss.kl_beta={loss.get('kl_beta', own['loss']['kl_beta'])}"]
+    return out
+
+
+def run_one(algo: str, variant: str, seed: int, out: Path, iterations: int | None,
+            eval_every: int) -> tuple[str, str, int, int, float]:
+    config = DIVERSE_CONFIG if (algo, variant) == ("flow_grpo", "diverse") else ROOT / "configs" / "digits" / f"{algo}.yaml"
+    cmd = [sys.executable, "-m", "flowrl.cli", "train", str(config), "--out", str(out), "--set", f"seed={seed}",
+           "--set", "progress=false", "--set", "trackers=[]", "--set", "threads=1", "--set", f"eval.every={eval_every}"]
+    if variant == "diverse" and config != DIVERSE_CONFIG:
+        for o in diverse_overrides(algo):
+            cmd += ["--set", o]
+    if iterations is not None:
+        cmd += ["--set", f"iterations={iterations}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    t0 = time.time()
+    with open(out.parent / f"seed{seed}.log", "w") as f:
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    return algo, variant, seed, rc, time.time() - t0
+
+
+def evaluate(path: Path | None) -> dict:
+    """Judge accuracy and diversity under the demo's SDE and the ODE, of the export at ``path`` (None: the base)."""
+    import torch
+
+    from flowrl.pipelines.digits import evaluate_digits, load_digits
+
+    torch.set_num_threads(1)
+    pipe = load_digits()
+    if path is not None:
+        pipe.load_pretrained(path / "transformer")
+    out = {}
+    for kind, pre in (("flow_sde", "sde"), ("ode", "ode")):
+        m = evaluate_digits(pipe, num_per_digit=EVAL_N, seed=EVAL_SEED, kind=kind)
+        out.update({f"{pre}/{k}": float(v) for k, v in m.items()})
+    return out
+
+
+def training_seconds(out: Path) -> float:
+    """The run's own clock at its last iteration (``time/elapsed_s``: rollouts, updates and its evaluations; not
+    the model load, the final evaluation and the export)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in rows if r.get("split") == "train"]
+    return float(train[-1]["time/elapsed_s"]) if train else float("nan")
+
+
+def collect(runs: Path, algos, seeds) -> tuple[dict, dict]:
+    cache = runs / "eval.json"
+    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    if "base" not in done:
+        done["base"] = evaluate(None)
+    data = {}
+    for algo in algos:
+        for v in VARIANTS:
+            for s in seeds:
+                out = runs / algo / v / f"seed{s}"
+                key = f"{algo}/{v}/{s}"
+                if not (out / "transformer").is_dir():
+                    continue
+                if key not in done:
+                    done[key] = evaluate(out)
+                    done[key]["wall_s"] = training_seconds(out)
+                    cache.write_text(json.dumps(done, indent=1))
+                data.setdefault((algo, v), []).append(done[key])
+    cache.write_text(json.dumps(done, indent=1))
+    return done["base"], data
+
+
+def plot(base: dict, data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    colors = dict(zip(ALGOS, ("C0", "C1", "C2", "C3", "C4")))
+    for ax, pre, title in ((axes[0], "sde", "SDE sampling (Flow-SDE, a = 0.7)"), (axes[1], "ode", "ODE sampling")):
+        pts = []
+        for (algo, v), rows in data.items():
+            x = [r[f"{pre}/diversity"] / base[f"{pre}/diversity"] for r in rows]
+            y = [r[f"{pre}/accuracy"] for r in rows]
+            pts += list(zip(x, y))
+            ax.scatter(x, y, c=colors[algo], marker="o" if v == "plain" else "^", s=36 if v == "plain" else 60,
+                       edgecolors="k" if v == "diverse" else "none",
+                       label=f"{algo} ({'plain' if v == 'plain' else 'with the diversity methods'})")
+        front = sorted(p for p in pts if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in pts))
+        if front:
+            ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, alpha=0.6, label="Pareto front")
+        ax.scatter([1.0], [base[f"{pre}/accuracy"]], c="k", marker="*", s=150, label="base model")
+        ax.axhline(ACC_BAR, color="gray", lw=0.8, ls=":")
+        ax.axvline(DIV_BAR, color="gray", lw=0.8, ls=":")
+        ax.set_xlabel("per-digit diversity / base model's")
+        ax.set_ylabel("judge accuracy")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle("Digits: accuracy against diversity after training (one point per seed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def section(base: dict, data: dict, seeds, args, plot_rel: str) -> str:
+    L = [SECTION, "",
+         f"Every flow algorithm's digits config, as shipped (`plain`) and with the diversity keys of "
+         f"`configs/digits/flow_grpo_diverse.yaml` (`diverse`; for flow_grpo that file itself), seeds {list(seeds)}. "
+         f"After training, the exported model and the base model are evaluated on the demo's fixed evaluation "
+         f"({EVAL_N} samples of each digit, seed {EVAL_SEED}) with the demo's SDE and with the ODE. `div.`: mean "
+         "pairwise pixel distance between samples of one digit, mean over digits, as a ratio to the base model's "
+         f"(base: SDE {base['sde/diversity']:.3f}, ODE {base['ode/diversity']:.3f}; judge accuracy SDE "
+         f"{base['sde/accuracy']:.3f}, ODE {base['ode/accuracy']:.3f}). `train s`: the run's own clock at its last "
+         f"iteration (rollouts, updates, its evaluations; single-threaded, {args.jobs} runs at a time on the shared "
+         "2-core machine, so compare within a row pair only). "
+         f"Command: `.venv/bin/python scripts/compare_diversity.py --seeds {' '.join(map(str, seeds))} "
+         f"--jobs {args.jobs}`.", "",
+         f"The bar: judge accuracy >= {ACC_BAR:.0%} and diversity >= {DIV_BAR}x the base under both samplers, "
+         "in every seed.", "",
+         "| algorithm | variant | SDE judge acc. | SDE div. (x base) | ODE judge acc. | ODE div. (x base) | "
+         "seeds meeting the bar | train s |", "|---|---|---|---|---|---|---|---|"]
+    for (algo, v), rows in data.items():
+        cells = []
+        for pre in ("sde", "ode"):
+            acc = mean_std([r[f"{pre}/accuracy"] for r in rows])
+            div = mean_std([r[f"{pre}/diversity"] / base[f"{pre}/diversity"] for r in rows])
+            cells += [f"{acc[0]:.3f} ± {acc[1]:.3f}", f"{div[0]:.2f} ± {div[1]:.2f}"]
+        ok = sum(all(r[f"{p}/accuracy"] >= ACC_BAR and r[f"{p}/diversity"] >= DIV_BAR * base[f"{p}/diversity"]
+                     for p in ("sde", "ode")) for r in rows)
+        wall = mean_std([r["wall_s"] for r in rows])
+        L.append(f"| {algo} | {v} | " + " | ".join(cells) + f" | {ok}/{len(rows)} | {wall[0]:.0f} |")
+    L += ["", "Per seed (SDE acc. / div. x, ODE acc. / div. x):", ""]
+    for (algo, v), rows in data.items():
+        per = "; ".join(f"{r['sde/accuracy']:.3f} / {r['sde/diversity'] / base['sde/diversity']:.2f}, "
+                        f"{r['ode/accuracy']:.3f} / {r['ode/diversity'] / base['ode/diversity']:.2f}" for r in rows)
+        L.append(f"- {algo} {v}: {per}")
+    L += ["", f"![judge accuracy against diversity relative to the base, SDE and ODE]({plot_rel})", ""]
+    return "\n".join(L)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--algos", nargs="+", default=list(ALGOS), choices=ALGOS)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--iterations", type=int, default=None, help="override every config's iterations")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--eval-every", type=int, default=1000,
+                   help="the runs' own evaluation interval (default: start and end only; this script evaluates the exports)")
+    p.add_argument("--runs", default="/tmp/compare_diversity")
+    p.add_argument("--results", default=str(ROOT / "docs" / "results.md"))
+    p.add_argument("--plot", default=str(ROOT / "docs" / "diversity_pareto.png"))
+    p.add_argument("--collect-only", action="store_true")
+    p.add_argument("--skip-done", action="store_true", help="keep runs that already exported a model")
+    args = p.parse_args(argv)
+    runs = Path(args.runs)
+    if not args.collect_only:
+        todo = []
+        for algo in args.algos:
+            for v in args.variants:
+                for s in args.seeds:
+                    out = runs / algo / v / f"seed{s}"
+                    if args.skip_done and (out / "transformer").is_dir():
+                        continue
+                    if out.exists():
+                        import shutil
+
+                        shutil.rmtree(out)
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    todo.append((algo, v, s, out))
+        print(f"[diversity] {len(todo)} runs, {args.jobs} at a time", flush=True)
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futs = [pool.submit(run_one, a, v, s, o, args.iterations, args.eval_every) for a, v, s, o in todo]
+            for f in futs:
+                algo, v, s, rc, dt = f.result()
+                print(f"[diversity] {algo} {v} seed {s}: exit {rc} after {dt:.0f} s", flush=True)
+                if rc != 0:
+                    raise SystemExit(f"{algo} {v} seed {s} failed (exit {rc}); see {runs / algo / v / f'seed{s}.log'}")
+    base, data = collect(runs, args.algos, args.seeds)
+    plot_path, res_path = Path(args.plot), Path(args.results)
+    plot(base, data, plot_path)
+    write_results(res_path, section(base, data, args.seeds, args, os.path.relpath(plot_path, res_path.parent)),
+                  heading=SECTION)
+    print(f"[diversity] wrote {res_path} and {plot_path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
