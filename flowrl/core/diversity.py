@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["pairwise_distances", "mean_pairwise_distance", "group_mean_pairwise_distance", "vendi_score",
+__all__ = ["group_positions", "pairwise_distances", "mean_pairwise_distance", "group_mean_pairwise_distance", "vendi_score",
            "group_index"]
 
 
@@ -38,6 +38,18 @@ def group_index(group: Tensor) -> tuple[Tensor, int]:
 def _cdist(f: Tensor) -> Tensor:
     """||f_i - f_j||_2 float [B, B] from the differences, memory O(B^2)."""
     return torch.cdist(f, f, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def group_positions(gi: Tensor, G: int) -> tuple[Tensor, Tensor]:
+    """(size of each group long [G], position of each sample inside its group long [B]) for dense group indices
+    ``gi`` in 0..G-1: a sample's position is its rank among its group's samples in batch order, so sample b sits at
+    row ``pos[b]`` of its group's block when groups are padded to the largest one."""
+    n = torch.bincount(gi, minlength=G)
+    order = torch.argsort(gi, stable=True)
+    starts = torch.cumsum(n, 0) - n
+    pos = torch.empty_like(gi)
+    pos[order] = torch.arange(len(gi), device=gi.device) - starts[gi[order]]
+    return n, pos
 
 
 def pairwise_distances(features: Tensor, group: Tensor) -> tuple[Tensor, Tensor]:
@@ -98,12 +110,7 @@ def vendi_score(features: Tensor, group: Tensor, *, kernel: str = "cosine", cent
         K = torch.exp(-d2 / (2.0 * max(h, 1e-12) ** 2))
     else:
         raise ValueError(f"vendi_score: kernel={kernel!r}; valid: ['cosine', 'rbf']")
-    n = torch.bincount(gi, minlength=G)
-    # position of each sample inside its group: rank among equal group indices (stable)
-    order = torch.argsort(gi, stable=True)
-    starts = torch.cumsum(n, 0) - n
-    pos = torch.empty_like(gi)
-    pos[order] = torch.arange(len(gi), device=gi.device) - starts[gi[order]]
+    n, pos = group_positions(gi, G)
     m = int(n.max())
     Kg = torch.zeros(G, m, m, device=K.device, dtype=K.dtype)
     rows = gi[:, None].expand(-1, len(gi))

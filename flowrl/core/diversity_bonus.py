@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .diversity import group_index, mean_pairwise_distance, pairwise_distances
+from .diversity import group_index, group_positions, mean_pairwise_distance, pairwise_distances
 from .registry import Registry
 
 __all__ = ["DIVERSITY_BONUSES", "register_bonus", "diversity_bonus", "pairwise_bonus", "cluster_size_bonus",
@@ -84,11 +84,7 @@ def pad_groups(features: Tensor, group: Tensor) -> tuple[Tensor, Tensor, Tensor,
     of one padded block (m = the largest group; padding rows are 0 and ``valid`` False), with sample b at
     ``F[gi[b], pos[b]]`` (``pos``: its rank among its group's samples in batch order)."""
     gi, G = group_index(group)
-    n = torch.bincount(gi, minlength=G)
-    order = torch.argsort(gi, stable=True)
-    starts = torch.cumsum(n, 0) - n
-    pos = torch.empty_like(gi)
-    pos[order] = torch.arange(len(gi), device=gi.device) - starts[gi[order]]
+    n, pos = group_positions(gi, G)
     m = int(n.max())
     F = features.new_zeros(G, m, features.shape[1])
     F[gi, pos] = features
