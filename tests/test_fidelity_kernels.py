@@ -232,7 +232,8 @@ def ppo_setup(*, kind="flow_sde", cfg_scale=None, kl_beta=0.0, **flow):
                    samples_per_prompt=3, seed=0, decode=False)
     steps = traj.sde_steps
     b, T = traj.batch_size, len(steps)
-    fc = dict(steps_per_backward=0, micro_batch=0, cfg_grad="both", logp_form="density", kl_form="true_kl")
+    fc = dict(steps_per_backward=0, micro_batch=0, cfg_grad="both", logp_form="density", kl_form="true_kl",
+              kl_weight={"name": "uniform"})
     fc.update(flow)
     cfg = SimpleNamespace(flow=SimpleNamespace(**fc), loss=SimpleNamespace(
         name="ppo_clip", agg="token_mean", params={"eps_low": 1e-4, "adv_clip": 5.0}, kl_beta=kl_beta))
@@ -275,13 +276,16 @@ def test_ppo_backward_gradient_through_cfg_follows_flow_cfg_grad():
 
 @pytest.mark.parametrize("kind", ["flow_sde", "cps"])
 def test_ppo_backward_kl_metric_is_the_named_form(kind):
-    """policy/kl against a slow reference from Flow-GRPO's train_sd3.py formula on the stored rollout."""
+    """policy/kl against a slow reference from Flow-GRPO's train_sd3.py formula on the stored rollout; with
+    flow.kl_weight each step's term is weighted at its starting noise level, w = 0.5 + 3 sigma^2."""
     out = {}
-    for form in ("true_kl", "flow_grpo_sd3"):
-        task, roll, batch, adv = ppo_setup(kind=kind, kl_beta=0.04, kl_form=form)
+    weighted = {"name": "sigma_power", "power": 2, "scale": 3.0, "floor": 0.5}
+    for form, kw in (("true_kl", {"name": "uniform"}), ("flow_grpo_sd3", {"name": "uniform"}), ("weighted", weighted)):
+        task, roll, batch, adv = ppo_setup(kind=kind, kl_beta=0.04, kl_form=form if form != "weighted" else
+                                           "flow_grpo_sd3", kl_weight=kw)
         traj, steps = roll.side["traj"], roll.side["steps"]
         out[form] = ppo_backward(task, roll, torch.arange(traj.batch_size), batch, adv)["policy/kl"]
-    want, sig = 0.0, traj.sigmas
+    want, want_w, sig = 0.0, 0.0, traj.sigmas
     with torch.no_grad():
         for kk in steps.tolist():
             for i in range(traj.batch_size):
@@ -295,8 +299,11 @@ def test_ppo_backward_kl_metric_is_the_named_form(kind):
                 else:
                     (_, mu, sd), (_, mu_ref, _) = (flow_grpo_cps_ref(vv, x, prev, si, sni, 0.7) for vv in (v, v_ref))
                 want += float(((mu - mu_ref) ** 2).mean() / (2 * sd**2))
+                want_w += (0.5 + 3.0 * si**2) * float(((mu - mu_ref) ** 2).mean() / (2 * sd**2))
     want /= traj.batch_size * len(steps)
+    want_w /= traj.batch_size * len(steps)
     assert out["flow_grpo_sd3"] == pytest.approx(want, rel=1e-4)
+    assert out["weighted"] == pytest.approx(want_w, rel=1e-4) and abs(want_w - want) > 0.1 * want
     if kind == "cps":  # Flow-GRPO's cps std_dev_t is the kernel std: the two forms agree
         assert out["true_kl"] == pytest.approx(want, rel=1e-4)
     else:  # true KL = each step's term / Delta; Delta = 0.25 on this schedule
