@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .diversity import group_index, group_positions, mean_pairwise_distance, pairwise_distances
+from .groups import group_stats
 from .registry import Registry
 
 __all__ = ["DIVERSITY_BONUSES", "register_bonus", "diversity_bonus", "pairwise_bonus", "cluster_size_bonus",
@@ -41,11 +42,9 @@ def diversity_bonus(name: str, features: Tensor, group: Tensor, reward: Tensor, 
 
 
 def _group_mean(x: Tensor, group: Tensor) -> Tensor:
-    """mean_{j in g(i)} x_j, float [B]."""
-    gi, G = group_index(group)
-    s = torch.zeros(G, device=x.device, dtype=x.dtype).index_add_(0, gi, x)
-    n = torch.bincount(gi, minlength=G).to(x.dtype)
-    return (s / n)[gi]
+    """mean_{j in g(i)} x_j, float [B]: the core's group statistics, on this process only (a bonus compares the
+    samples of a group, which the flow task keeps on one process)."""
+    return group_stats(x, group, distributed=False).mean.to(x.dtype)
 
 
 @register_bonus("pairwise")
