@@ -144,3 +144,20 @@ def test_a_pass_at_k_drop_is_reported_as_a_collapse_not_as_hacking(tmp_path):
     text = write_report(_run_dir(tmp_path / "pk", evals, plan)).read_text()
     assert "**Diversity collapsed:**" in text and "pass@8 fell below the base model's" in text
     assert "Reward hacking suspected" not in text and "No sign of reward hacking in what was measured" in text
+
+
+def test_fewer_distinct_correct_completions_are_flagged_as_a_collapse(tmp_path):
+    """An LLM whose held-out problems are solved by fewer different completions than the base's (below
+    DIVERSITY_FLOOR of the start) is flagged as a collapse; the arithmetic GRPO's measured 60-iteration drop
+    (1.36 -> 1.21, docs/results.md) is not."""
+    from flowrl.train.report import DIVERSITY_FLOOR
+
+    plan = ReportPlan(metrics=LLM_PLAN.metrics + ("distinct_correct",), checks=LLM_PLAN.checks + ("distinct_correct",),
+                      source="llm")
+    collapsed = [dict(ARITH[0], distinct_correct=2.5), dict(ARITH[1], distinct_correct=2.5 * DIVERSITY_FLOOR - 0.01)]
+    text = write_report(_run_dir(tmp_path / "dc", collapsed, plan)).read_text()
+    assert "**Diversity collapsed:**" in text and "distinct_correct collapsed to 70% of the start" in text
+    assert "Reward hacking suspected" not in text
+    mild = [dict(ARITH[0], distinct_correct=1.36), dict(ARITH[1], distinct_correct=1.21)]
+    text = write_report(_run_dir(tmp_path / "mild", mild, plan)).read_text()
+    assert "Diversity collapsed" not in text and "distinct_correct 1.360 -> 1.210 (89% of the start" in text

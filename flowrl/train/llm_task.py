@@ -379,14 +379,14 @@ class LLMTask(TaskBase):
 
     def report_plan(self):
         """The report of an LLM run: held-out accuracy against the reward, miracle steps and all-steps-correct
-        (the last two where the verifier scores steps, e.g. arithmetic), sampled pass@k against the base model's
-        (eval.pass_*); no judge or realism."""
+        (the last two where the verifier scores steps, e.g. arithmetic), sampled pass@k and distinct correct
+        completions against the base model's (eval.pass_*); no judge or realism."""
         from flowrl.train.report import ReportPlan
 
         ec = self.cfg.eval
         sampled = tuple(f"pass@{k}" for k in ec.pass_k) + ("distinct_correct",) if ec.pass_problems else ()
         return ReportPlan(metrics=("reward", "accuracy", "miracle_rate", "all_steps_correct", "step_accuracy") + sampled,
-                          checks=("accuracy", "miracle_steps", "all_steps_correct", "pass_at_k"),
+                          checks=("accuracy", "miracle_steps", "all_steps_correct", "pass_at_k", "distinct_correct"),
                           source="the LLM task (greedy decoding of the held-out set)")
 
     def export(self, out_dir: Path, state: Optional[dict] = None) -> None:

@@ -14,7 +14,8 @@ metrics it ``needs``. A declared check whose metrics the evaluation did not log 
     realism_after > (1 + REALISM_TOL) * realism_before  (samples drifted away from real data).
 
 Next to them, the collapse checks (``kind="collapse"``), one registered per diversity metric of
-:data:`COLLAPSE_METRICS` (``diversity``, ``vendi`` and their ``ode/`` twins), each flagging
+:data:`COLLAPSE_METRICS` (``diversity``, ``vendi``, their ``ode/`` twins, and the LLMs' ``distinct_correct``),
+each flagging
 
     metric_after < DIVERSITY_FLOOR * metric_before     (DIVERSITY_FLOOR = 0.7: the model lost its diversity).
 
@@ -46,6 +47,7 @@ COLLAPSE_METRICS = {
     "vendi": "Vendi score (effective number of distinct samples) of one prompt",
     "ode/diversity": "ODE samples: mean distance between samples of one prompt",
     "ode/vendi": "ODE samples: Vendi score of one prompt",
+    "distinct_correct": "LLM: distinct correct completions per held-out problem",
 }
 
 REPORT_CHECKS = Registry("report check")
