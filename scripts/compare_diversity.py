@@ -42,6 +42,7 @@ DIVERSE_CONFIG = ROOT / "configs" / "digits" / "flow_grpo_diverse.yaml"
 SECTION = "## Diversity on digits"
 EVAL_SEED, EVAL_N = 1234, 20
 ACC_BAR, DIV_BAR = 0.95, 0.90
+FILTER_THRESHOLDS, FILTER_N = (0.3, 0.5, 0.7, 0.9, 0.97, 0.99), 300
 
 
 def diverse_overrides(algo: str) -> list[str]:
@@ -96,6 +97,32 @@ def evaluate(path: Path | None) -> dict:
     return out
 
 
+def reward_filter_front() -> list[dict]:
+    """The base model's samples kept where the reward classifier's probability of the asked digit is at least t,
+    for each t of FILTER_THRESHOLDS: the reference point the reward defines. KL-regularised RL with a reward that
+    saturates at t has the base conditioned on that event as its optimum (pi* ~ pi_ref exp(r / beta)), so these
+    points are what the reward asks for before any method trades diversity away. FILTER_N samples of each digit
+    (seed EVAL_SEED), SDE and ODE; ``{pre}/div_x`` is the kept samples' per-digit diversity over all samples'."""
+    import torch
+
+    from flowrl.pipelines.digits import load_digit_classifier, load_digits, sample_digits, score_digits
+
+    torch.set_num_threads(1)
+    pipe, clf = load_digits(), load_digit_classifier()
+    digits = torch.arange(10).repeat_interleave(FILTER_N)
+    rows = [{"threshold": t} for t in FILTER_THRESHOLDS]
+    for kind, pre in (("flow_sde", "sde"), ("ode", "ode")):
+        x = sample_digits(pipe, digits, kind=kind, seed=EVAL_SEED)
+        p = clf(x).softmax(-1).gather(1, digits[:, None])[:, 0]
+        every = score_digits(x, digits)
+        for row in rows:
+            keep = p >= row["threshold"]
+            m = score_digits(x[keep], digits[keep])
+            row.update({f"{pre}/kept": float(keep.float().mean()), f"{pre}/accuracy": m["accuracy"],
+                        f"{pre}/div_x": m["diversity"] / every["diversity"]})
+    return rows
+
+
 def training_seconds(out: Path) -> float:
     """The run's own clock at its last iteration (``time/elapsed_s``: rollouts, updates and its evaluations; not
     the model load, the final evaluation and the export)."""
@@ -104,11 +131,13 @@ def training_seconds(out: Path) -> float:
     return float(train[-1]["time/elapsed_s"]) if train else float("nan")
 
 
-def collect(runs: Path, algos, seeds) -> tuple[dict, dict]:
+def collect(runs: Path, algos, seeds) -> tuple[dict, list[dict], dict]:
     cache = runs / "eval.json"
     done = json.loads(cache.read_text()) if cache.is_file() else {}
     if "base" not in done:
         done["base"] = evaluate(None)
+    if "reward_filter" not in done:
+        done["reward_filter"] = reward_filter_front()
     data = {}
     for algo in algos:
         for v in VARIANTS:
@@ -123,16 +152,16 @@ def collect(runs: Path, algos, seeds) -> tuple[dict, dict]:
                     cache.write_text(json.dumps(done, indent=1))
                 data.setdefault((algo, v), []).append(done[key])
     cache.write_text(json.dumps(done, indent=1))
-    return done["base"], data
+    return done["base"], done["reward_filter"], data
 
 
-def plot(base: dict, data: dict, path: Path) -> None:
+def plot(base: dict, filt: list[dict], data: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6))
     colors = dict(zip(ALGOS, ("C0", "C1", "C2", "C3", "C4")))
     for ax, pre, title in ((axes[0], "sde", "SDE sampling (Flow-SDE, a = 0.7)"), (axes[1], "ode", "ODE sampling")):
         pts = []
@@ -147,20 +176,23 @@ def plot(base: dict, data: dict, path: Path) -> None:
         if front:
             ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, alpha=0.6, label="Pareto front")
         ax.scatter([1.0], [base[f"{pre}/accuracy"]], c="k", marker="*", s=150, label="base model")
+        ax.plot([r[f"{pre}/div_x"] for r in filt], [r[f"{pre}/accuracy"] for r in filt], "s:", c="0.45", ms=4,
+                label="base model, kept where the reward's p >= " + ", ".join(f"{r['threshold']:g}" for r in filt))
         ax.axhline(ACC_BAR, color="gray", lw=0.8, ls=":")
         ax.axvline(DIV_BAR, color="gray", lw=0.8, ls=":")
         ax.set_xlabel("per-digit diversity / base model's")
         ax.set_ylabel("judge accuracy")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower left")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4)  # below the panels: no point is hidden
     fig.suptitle("Digits: accuracy against diversity after training (one point per seed)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def section(base: dict, data: dict, seeds, args, plot_rel: str) -> str:
+def section(base: dict, filt: list[dict], data: dict, seeds, args, plot_rel: str) -> str:
     L = [SECTION, "",
          f"Every flow algorithm's digits config, as shipped (`plain`) and with the diversity keys of "
          f"`configs/digits/flow_grpo_diverse.yaml` (`diverse`; for flow_grpo that file itself), seeds {list(seeds)}. "
@@ -195,6 +227,18 @@ def section(base: dict, data: dict, seeds, args, plot_rel: str) -> str:
         per = "; ".join(f"{r['sde/accuracy']:.3f} / {r['sde/diversity'] / base['sde/diversity']:.2f}, "
                         f"{r['ode/accuracy']:.3f} / {r['ode/diversity'] / base['ode/diversity']:.2f}" for r in rows)
         L.append(f"- {algo} {v}: {per}")
+    L += ["", "What the reward asks for: the base model's samples kept where the reward classifier's probability "
+          f"of the asked digit is at least p ({FILTER_N} samples of each digit, seed {EVAL_SEED}; "
+          "`reward_filter_front` in `scripts/compare_diversity.py`). As its KL weight beta goes to 0, "
+          "KL-regularised RL with a reward saturated at p has this filtered base as its optimum "
+          "(pi* ~ pi_ref exp(r / beta)): a method that keeps the base's diversity and learns only what the reward "
+          "says lands near these points. The judge disagrees with the reward on some of what the reward accepts.",
+          "", "| reward p >= | SDE kept | SDE judge acc. | SDE div. (x all) | ODE kept | ODE judge acc. | "
+          "ODE div. (x all) |", "|---|---|---|---|---|---|---|"]
+    for r in filt:
+        L.append(f"| {r['threshold']:g} | " + " | ".join(
+            f"{r[f'{pre}/kept']:.2f} | {r[f'{pre}/accuracy']:.3f} | {r[f'{pre}/div_x']:.2f}" for pre in ("sde", "ode"))
+            + " |")
     L += ["", f"![judge accuracy against diversity relative to the base, SDE and ODE]({plot_rel})", ""]
     return "\n".join(L)
 
@@ -237,10 +281,10 @@ def main(argv=None) -> int:
                 print(f"[diversity] {algo} {v} seed {s}: exit {rc} after {dt:.0f} s", flush=True)
                 if rc != 0:
                     raise SystemExit(f"{algo} {v} seed {s} failed (exit {rc}); see {runs / algo / v / f'seed{s}.log'}")
-    base, data = collect(runs, args.algos, args.seeds)
+    base, filt, data = collect(runs, args.algos, args.seeds)
     plot_path, res_path = Path(args.plot), Path(args.results)
-    plot(base, data, plot_path)
-    write_results(res_path, section(base, data, args.seeds, args, os.path.relpath(plot_path, res_path.parent)),
+    plot(base, filt, data, plot_path)
+    write_results(res_path, section(base, filt, data, args.seeds, args, os.path.relpath(plot_path, res_path.parent)),
                   heading=SECTION)
     print(f"[diversity] wrote {res_path} and {plot_path}", flush=True)
     return 0
