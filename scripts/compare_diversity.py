@@ -18,7 +18,9 @@ evaluates the exported model and the base model with the same fixed evaluation a
 digit, seed 1234), once with the demo's SDE (Flow-SDE, a = 0.7) and once with the ODE, and reads the judge's
 accuracy and the per-digit diversity (mean pairwise pixel distance between samples of one digit). It writes the
 section "## Diversity on digits" of ``docs/results.md`` (the rest of the file is kept) and
-``docs/diversity_pareto.png`` (judge accuracy against diversity relative to the base model, SDE and ODE panels).
+``docs/diversity_pareto.png`` (judge accuracy against diversity relative to the base model, SDE and ODE panels),
+with a reference: the base model's own samples kept where the reward classifier accepts them
+(``reward_filter_front``), what a method that keeps the base's diversity and learns only the reward aims at.
 """
 from __future__ import annotations
 
@@ -136,7 +138,7 @@ def collect(runs: Path, algos, seeds) -> tuple[dict, list[dict], dict]:
     done = json.loads(cache.read_text()) if cache.is_file() else {}
     if "base" not in done:
         done["base"] = evaluate(None)
-    if "reward_filter" not in done:
+    if [r["threshold"] for r in done.get("reward_filter", [])] != list(FILTER_THRESHOLDS):  # absent or stale
         done["reward_filter"] = reward_filter_front()
     data = {}
     for algo in algos:
