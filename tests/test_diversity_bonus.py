@@ -336,6 +336,25 @@ def test_config_errors_name_the_valid_values(override, words):
         assert w in str(e.value), (w, str(e.value))
 
 
+def test_drift_subset_with_a_bonus_warns_that_the_bonus_will_dominate():
+    """DRIFT's subset keeps each group's tightest reward window, so a diversity bonus then decides most of the
+    standardised advantage (on digits it wrecked the model); the combination warns, either piece alone does not."""
+    import warnings
+
+    from flowrl.config import load
+    from flowrl.train.config import TrainConfig
+
+    with pytest.warns(UserWarning, match="diversity bonus decides most of the advantage"):
+        load(TrainConfig, DIGITS, ["flow.sample_subset={name: drift, keep: 8}",
+                                   "flow.diversity_bonus=[{name: pairwise, weight: 0.5}]"])
+    bonus = "flow.diversity_bonus=[{name: pairwise, weight: 0.5}]"
+    for alone in (["flow.sample_subset={name: drift, keep: 8}"], [bonus],
+                  ["flow.sample_subset={name: top, keep: 8}", bonus]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            load(TrainConfig, DIGITS, alone)
+
+
 # ---------------------------------------------------------------------------------------------- in a digits rollout
 
 def test_digits_rollout_with_bonuses_and_subset():
@@ -347,12 +366,13 @@ def test_digits_rollout_with_bonuses_and_subset():
     from flowrl.train.flow_task import FlowTask
     from flowrl.train.task import iteration_generator
 
-    cfg = load(TrainConfig, DIGITS, [
-        "prompts_per_iter=3", "group_size=6", "progress=false", "trackers=[]", "threads=1",
-        "flow.diversity_bonus=[{name: cluster_size, weight: 0.5}, {name: drift_potential, weight: 0.25}, "
-        "{name: pairwise, weight: 0.5}]",
-        "flow.sample_subset={name: drift, keep: 4}"])
-    task = FlowTask(cfg, Accelerator(cpu=True))
+    with pytest.warns(UserWarning, match="decides most of the advantage"):  # the combination is the point here
+        cfg = load(TrainConfig, DIGITS, [
+            "prompts_per_iter=3", "group_size=6", "progress=false", "trackers=[]", "threads=1",
+            "flow.diversity_bonus=[{name: cluster_size, weight: 0.5}, {name: drift_potential, weight: 0.25}, "
+            "{name: pairwise, weight: 0.5}]",
+            "flow.sample_subset={name: drift, keep: 4}"])
+        task = FlowTask(cfg, Accelerator(cpu=True))
     roll = task.rollout(0, iteration_generator(0, 0, 0))
     b, m = roll.batch, roll.metrics
     keep = b.sample_valid
