@@ -26,16 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
+import compare_flow  # noqa: E402  (the same single run)
 from compare_flow import mean_std, write_results  # noqa: E402  (same results file and statistics)
 
 ALGOS = ("flow_grpo", "dance_grpo", "tp_grpo", "euphonium", "ac_flow")
@@ -67,19 +65,14 @@ def diverse_overrides(algo: str) -> list[str]:
 
 def run_one(algo: str, variant: str, seed: int, out: Path, iterations: int | None,
             eval_every: int) -> tuple[str, str, int, int, float]:
-    config = DIVERSE_CONFIG if (algo, variant) == ("flow_grpo", "diverse") else ROOT / "configs" / "digits" / f"{algo}.yaml"
-    cmd = [sys.executable, "-m", "flowrl.cli", "train", str(config), "--out", str(out), "--set", f"seed={seed}",
-           "--set", "progress=false", "--set", "trackers=[]", "--set", "threads=1", "--set", f"eval.every={eval_every}"]
-    if variant == "diverse" and config != DIVERSE_CONFIG:
-        for o in diverse_overrides(algo):
-            cmd += ["--set", o]
-    if iterations is not None:
-        cmd += ["--set", f"iterations={iterations}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    t0 = time.time()
-    with open(out.parent / f"seed{seed}.log", "w") as f:
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    return algo, variant, seed, rc, time.time() - t0
+    """compare_flow's single run, of the diverse recipe's file for flow_grpo and of the algorithm's own config
+    plus :func:`diverse_overrides` for the others."""
+    diverse = variant == "diverse"
+    config = DIVERSE_CONFIG if (algo, variant) == ("flow_grpo", "diverse") else None
+    extra = tuple(diverse_overrides(algo)) if diverse and config is None else ()
+    _, _, rc, dt = compare_flow.run_one(algo, seed, out, iterations, eval_every, out.parent / f"seed{seed}.log",
+                                        config=config, extra=extra)
+    return algo, variant, seed, rc, dt
 
 
 def evaluate(path: Path | None) -> dict:
@@ -107,19 +100,21 @@ def reward_filter_front() -> list[dict]:
     (seed EVAL_SEED), SDE and ODE; ``{pre}/div_x`` is the kept samples' per-digit diversity over all samples'."""
     import torch
 
-    from flowrl.pipelines.digits import load_digit_classifier, load_digits, sample_digits, score_digits
+    from flowrl.pipelines.digits import (
+        load_digit_classifier, load_digit_judge, load_digits, sample_digits, score_digits,
+    )
 
     torch.set_num_threads(1)
-    pipe, clf = load_digits(), load_digit_classifier()
+    pipe, clf, judge = load_digits(), load_digit_classifier(), load_digit_judge()
     digits = torch.arange(10).repeat_interleave(FILTER_N)
     rows = [{"threshold": t} for t in FILTER_THRESHOLDS]
     for kind, pre in (("flow_sde", "sde"), ("ode", "ode")):
         x = sample_digits(pipe, digits, kind=kind, seed=EVAL_SEED)
         p = clf(x).softmax(-1).gather(1, digits[:, None])[:, 0]
-        every = score_digits(x, digits)
+        every = score_digits(x, digits, classifier=clf, judge=judge)  # loaded once, not per call
         for row in rows:
             keep = p >= row["threshold"]
-            m = score_digits(x[keep], digits[keep])
+            m = score_digits(x[keep], digits[keep], classifier=clf, judge=judge)
             row.update({f"{pre}/kept": float(keep.float().mean()), f"{pre}/accuracy": m["accuracy"],
                         f"{pre}/div_x": m["diversity"] / every["diversity"]})
     return rows

@@ -35,10 +35,16 @@ SECTION = "## Flow models (digits)"
 
 
 # ------------------------------------------------------------------------------------------- running
-def run_one(algo: str, seed: int, out: Path, iterations: int | None, eval_every: int | None, log: Path) -> tuple[str, int, int, float]:
-    cmd = [sys.executable, "-m", "flowrl.cli", "train", str(ROOT / "configs" / "digits" / f"{algo}.yaml"),
+def run_one(algo: str, seed: int, out: Path, iterations: int | None, eval_every: int | None, log: Path,
+            config: Path | None = None, extra: tuple[str, ...] = ()) -> tuple[str, int, int, float]:
+    """One single-threaded ``flowrl train`` of ``config`` (default ``configs/digits/<algo>.yaml``) with ``extra``
+    --set overrides, its output in ``log``: (algo, seed, exit code, seconds)."""
+    config = config if config is not None else ROOT / "configs" / "digits" / f"{algo}.yaml"
+    cmd = [sys.executable, "-m", "flowrl.cli", "train", str(config),
            "--out", str(out), "--set", f"seed={seed}", "--set", "progress=false", "--set", "trackers=[]",
            "--set", "threads=1"]
+    for o in extra:
+        cmd += ["--set", o]
     if iterations is not None:
         cmd += ["--set", f"iterations={iterations}"]
     if eval_every is not None:
