@@ -7,8 +7,9 @@ image embedding (CLIP) for real image and video models. A feature extractor is b
 
 - images float [B, C, H, W] in [0, 1], or video float [B, F, C, H, W] in [0, 1] -> float [B, D].
 
-Registered: ``pixels`` (the samples themselves, optionally average-pooled to a thumbnail) and ``clip`` (CLIP image
-embeddings through the open_clip loading code of the ``clip`` reward, ``flowrl.rewards.image``).
+Registered: ``pixels`` (the samples themselves, optionally average-pooled to a thumbnail), ``clip`` (CLIP image
+embeddings through the open_clip loading code of the ``clip`` reward, ``flowrl.rewards.image``) and
+``digits_classifier`` (the embedded digits reward classifier's penultimate layer).
 """
 from __future__ import annotations
 
@@ -86,5 +87,33 @@ def clip_features(model_name: str = "ViT-H-14", pretrained: Optional[str] = "lai
         frames = samples.flatten(0, 1) if samples.dim() == 5 else samples
         emb = torch.cat([encoder.image_features(frames[i:i + batch_size]) for i in range(0, len(frames), batch_size)])
         return emb.view(*samples.shape[:2], -1).mean(1) if samples.dim() == 5 else emb
+
+    return features
+
+
+
+@FEATURES.register("digits_classifier", vendi={"kernel": "cosine", "center": True})
+def digits_classifier_features(*, directory: Optional[str] = None, device: Optional[str] = None) -> FeatureFn:
+    """The digits reward classifier's penultimate layer: images float [B, 1, 8, 8] in [0, 1] -> float [B, D] (D = 32
+    for the shipped classifier),
+    f(x) = silu(fc1(conv features of 2x - 1)) (``flowrl.pipelines.digits.DigitClassifier.features``, the layer the
+    logits are read from).
+
+    Why a diversity bonus may want it: distances there ignore the pixel noise and odd strokes the classifier does
+    not read, so a bonus in this space spreads a digit's samples over the ways the reward's own model tells drawings
+    apart. On digits it keeps realism at the base's where the pixel bonus drifts it (docs/results.md). Post-SiLU
+    features are mostly non-negative, hence the centred cosine for Vendi, as for pixels. ``directory``: where
+    classifier.safetensors/.json live (default: the shipped weights). No gradient flows through it."""
+    from flowrl.pipelines.digits import IMAGE_SIZE, load_digit_classifier
+
+    dev = torch.device(device or "cpu")
+    classifier = load_digit_classifier(device=dev, directory=directory)
+
+    def features(samples: Tensor) -> Tensor:
+        if not isinstance(samples, Tensor) or samples.dim() != 4 or tuple(samples.shape[1:]) != (1, IMAGE_SIZE, IMAGE_SIZE):
+            raise ValueError(f"digits_classifier features need digits images float [B, 1, {IMAGE_SIZE}, {IMAGE_SIZE}]; "
+                             f"got {type(samples).__name__} {tuple(getattr(samples, 'shape', ()))}")
+        with torch.no_grad():
+            return classifier.features(samples.to(dev, torch.float32) * 2.0 - 1.0).to(samples.device)
 
     return features

@@ -154,6 +154,37 @@ def test_pixel_features_pool_large_images_to_a_thumbnail():
     assert torch.equal(build_features("pixels")(x), x.flatten(1))
 
 
+
+def test_digits_classifier_features_are_the_reward_classifiers_penultimate_layer():
+    """Against the layer written out from the shipped classifier's weights (convs, pool, fc1, SiLU on [-1, 1]
+    inputs); a pairwise bonus built from the config's feature name uses exactly these distances."""
+    from torch.nn import functional as F
+
+    from flowrl.core.diversity_bonus import diversity_bonus
+    from flowrl.pipelines.digits import load_digit_classifier
+    from flowrl.train.flow_diversity import DiversityBonuses
+
+    c = load_digit_classifier()
+    x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    h = F.silu(F.conv2d(x * 2 - 1, c.conv1.weight, c.conv1.bias, padding=1))
+    h = F.max_pool2d(F.silu(F.conv2d(h, c.conv2.weight, c.conv2.bias, padding=1)), 2)
+    h = F.silu(F.conv2d(h, c.conv3.weight, c.conv3.bias, padding=1))
+    ref = F.silu(h.flatten(1) @ c.fc1.weight.T + c.fc1.bias)  # [6, D]
+    got = build_features("digits_classifier")(x)
+    assert got.shape == (6, c.fc1.out_features) and not got.requires_grad
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    # the classifier's logits are read from this layer: fc2 of it is the classifier's output
+    torch.testing.assert_close(got @ c.fc2.weight.T + c.fc2.bias, c(x), atol=1e-5, rtol=1e-5)
+    group, reward = torch.tensor([0, 0, 0, 1, 1, 1]), torch.zeros(6)
+    bonus, parts = DiversityBonuses([{"name": "pairwise", "weight": 0.5, "features": "digits_classifier"}])(x, group, reward)
+    want = diversity_bonus("pairwise", ref.double(), group, reward.double()).float()
+    torch.testing.assert_close(parts["diversity/pairwise"], want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bonus, 0.5 * want)
+    assert not torch.allclose(want, diversity_bonus("pairwise", x.flatten(1).double(), group, reward.double()).float())
+    with pytest.raises(ValueError, match=r"digits_classifier features need digits images float \[B, 1, 8, 8\]"):
+        build_features("digits_classifier")(torch.rand(2, 3, 8, 8))
+
+
 # ---------------------------------------------------------------------------------------------- generic flow eval
 def _task(sd3_dir, *overrides):
     from flowrl.train.flow_task import FlowTask

@@ -135,7 +135,7 @@ class EvalConfig:
                                               help="flow, generic evaluation: the feature space of the logged diversity "
                                               "(mean pairwise distance of a prompt's samples) and Vendi score, per prompt, "
                                               "mean over prompts: a registered sample feature (flowrl.rewards.features: "
-                                              "pixels, clip) or {name, ...options}; null: not measured. Needs "
+                                              "pixels, clip, digits_classifier) or {name, ...options}; null: not measured. Needs "
                                               "num_per_prompt >= 2. Adapters with their own evaluation (digits) measure theirs")
     pass_k: list[int] = field(default_factory=lambda: [1, 8], help="LLM: the k of the sampled pass@k logged at each "
                               "evaluation (pass@<k>, Codex's unbiased estimator; each k <= pass_samples)")
@@ -249,7 +249,7 @@ class FlowConfig:
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig, help="reward-gradient guidance (Euphonium)")
     diversity_bonus: list[dict[str, Any]] = field(default_factory=list, help="diversity bonuses added to the outcome reward, summed: a list of "
                                                   "{name: a registered bonus (flowrl.core.diversity_bonus: pairwise, ...), weight, features: a registered "
-                                                  "sample feature (flowrl.rewards.features: pixels, clip) or {name, ...options}, params: {...}}; each is "
+                                                  "sample feature (flowrl.rewards.features: pixels, clip, digits_classifier) or {name, ...options}, params: {...}}; each is "
                                                   "also the outcome part 'diversity/<name>' (with a per-reward estimator its column's weight is "
                                                   "advantage.params.weights['diversity/<name>'])")
     kl_weight: dict[str, Any] = field(default_factory=lambda: {"name": "uniform"}, help="weight of each step's KL by its noise level: "
