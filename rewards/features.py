@@ -91,13 +91,11 @@ def clip_features(model_name: str = "ViT-H-14", pretrained: Optional[str] = "lai
     return features
 
 
-
 @FEATURES.register("digits_classifier", vendi={"kernel": "cosine", "center": True})
 def digits_classifier_features(*, directory: Optional[str] = None, device: Optional[str] = None) -> FeatureFn:
-    """The digits reward classifier's penultimate layer: images float [B, 1, 8, 8] in [0, 1] -> float [B, D] (D = 32
-    for the shipped classifier),
-    f(x) = silu(fc1(conv features of 2x - 1)) (``flowrl.pipelines.digits.DigitClassifier.features``, the layer the
-    logits are read from).
+    """The digits reward classifier's penultimate layer, the one its logits are read from:
+    f(x) = silu(fc1(conv features of 2x - 1)) (``flowrl.pipelines.digits.DigitClassifier.features``); images float
+    [B, 1, 8, 8] in [0, 1] -> float [B, D], D = 32 for the shipped classifier.
 
     Why a diversity bonus may want it: distances there ignore the pixel noise and odd strokes the classifier does
     not read, so a bonus in this space spreads a digit's samples over the ways the reward's own model tells drawings

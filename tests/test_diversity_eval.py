@@ -154,7 +154,6 @@ def test_pixel_features_pool_large_images_to_a_thumbnail():
     assert torch.equal(build_features("pixels")(x), x.flatten(1))
 
 
-
 def test_digits_classifier_features_are_the_reward_classifiers_penultimate_layer():
     """Against the layer written out from the shipped classifier's weights (convs, pool, fc1, SiLU on [-1, 1]
     inputs); a pairwise bonus built from the config's feature name uses exactly these distances."""
