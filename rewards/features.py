@@ -115,3 +115,28 @@ def digits_classifier_features(*, directory: Optional[str] = None, device: Optio
             return classifier.features(samples.to(dev, torch.float32) * 2.0 - 1.0).to(samples.device)
 
     return features
+
+
+@FEATURES.register("digits_pca", vendi={"kernel": "cosine", "center": True})
+def digits_pca_features(*, rank: int = 20, device: Optional[str] = None) -> FeatureFn:
+    """Real digits' principal subspace: f(x) = (2x - 1 - m) P, with m and P [64, rank] the mean and the top-``rank``
+    principal directions of the ``reward`` split's pixels (the Gaussian digits reader's own projection,
+    ``flowrl.pipelines.digits_gaussian``); images float [B, 1, 8, 8] in [0, 1] -> float [B, rank].
+
+    Why a diversity bonus may want it: the subspace holds the ways real drawings of digits vary (20 directions keep
+    90% of their pixel variance) and leaves out what they do not do, such as isolated speckles in the background,
+    which pixel distances reward as much as a different stroke. No gradient flows through it."""
+    from flowrl.pipelines.digits import IMAGE_SIZE
+    from flowrl.pipelines.digits_gaussian import load_digit_gaussian
+
+    dev = torch.device(device or "cpu")
+    reader = load_digit_gaussian(rank=rank, device=dev)
+
+    def features(samples: Tensor) -> Tensor:
+        if not isinstance(samples, Tensor) or samples.dim() != 4 or tuple(samples.shape[1:]) != (1, IMAGE_SIZE, IMAGE_SIZE):
+            raise ValueError(f"digits_pca features need digits images float [B, 1, {IMAGE_SIZE}, {IMAGE_SIZE}]; "
+                             f"got {type(samples).__name__} {tuple(getattr(samples, 'shape', ()))}")
+        with torch.no_grad():
+            return reader.project(samples.to(dev, torch.float32)).to(samples.device)
+
+    return features

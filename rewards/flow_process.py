@@ -9,6 +9,7 @@ A flow process reward is ``(x_t [B, ...], sigma float [B], cond) -> float [B]`` 
 - :class:`ODECompletionReward` ("ode_completion"): the outcome reward of the sample obtained by finishing the
   trajectory with the ODE from step t (TP-GRPO's per-step score).
 - :class:`DigitsReward` (outcome, "digits"): the embedded classifier's p(d | x) with accuracy as a second part.
+- :class:`DigitsGaussianReward` (outcome, "digits_gaussian"): the same from a Gaussian generative classifier.
 """
 from __future__ import annotations
 
@@ -90,11 +91,14 @@ class DigitsReward(Reward):
         if saturate_at is not None and not 0.0 < float(saturate_at) <= 1.0:
             raise ValueError(f"digits reward: saturate_at={saturate_at!r} must be in (0, 1] (or null: the probability itself)")
         self.saturate_at = None if saturate_at is None else float(saturate_at)
+        self.device = torch.device(device or "cpu")
+        self.classifier = self._load_classifier(directory)
+        self.digit_key = digit_key
+
+    def _load_classifier(self, directory: Optional[str]):
         from flowrl.pipelines.digits import load_digit_classifier
 
-        self.device = torch.device(device or "cpu")
-        self.classifier = load_digit_classifier(device=self.device, directory=directory)
-        self.digit_key = digit_key
+        return load_digit_classifier(device=self.device, directory=directory)
 
     def score(self, samples, prompts, meta):
         x = samples.to(self.device, torch.float32) if isinstance(samples, Tensor) else samples
@@ -105,6 +109,30 @@ class DigitsReward(Reward):
         p = logits.softmax(-1).gather(1, d[:, None]).squeeze(1)
         score = p if self.saturate_at is None else (p / self.saturate_at).clamp_max(1.0)
         return {self.name: score, f"{self.name}/accuracy": (logits.argmax(-1) == d).float()}
+
+
+@register_reward("digits_gaussian")
+class DigitsGaussianReward(DigitsReward):
+    """The digits reward of a second model family: the Gaussian generative classifier of
+    ``pipelines/digits_gaussian.py`` (one Gaussian per digit in the top-``rank`` principal components of the reward
+    split's pixels, covariance + ``ridge`` I), fitted in closed form on the CNN's own data, never the judge's.
+
+    r_b = p_G(d_b | x_b) = softmax_d(-1/2 (z_b - mu_d)^T S_d^-1 (z_b - mu_d) - 1/2 log det S_d)[d_b], and part
+    "<name>/accuracy" = 1[argmax = d_b]; images float [B, 1, 8, 8] in [0, 1]; ``saturate_at`` as for "digits".
+    Differentiable in the images. Alone it is a weaker reader than the CNN; as the second member of a
+    conservative ensemble (``ensemble`` with ``reduce: min``) it vetoes drawings the CNN is sure of but that
+    look like no real digit of the class.
+    """
+
+    def __init__(self, *, rank: int = 20, ridge: float = 0.05, digit_key: str = "digit", device: Optional[str] = None,
+                 name: Optional[str] = None, on_error: str = "raise", saturate_at: Optional[float] = None):
+        self.rank, self.ridge = int(rank), float(ridge)
+        super().__init__(digit_key=digit_key, device=device, name=name, on_error=on_error, saturate_at=saturate_at)
+
+    def _load_classifier(self, directory: Optional[str]):
+        from flowrl.pipelines.digits_gaussian import load_digit_gaussian
+
+        return load_digit_gaussian(rank=self.rank, ridge=self.ridge, device=self.device)
 
 
 @register_process_reward("digits_noisy")
