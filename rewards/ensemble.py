@@ -69,18 +69,28 @@ class EnsembleReward(Reward):
     def __init__(self, *, members: Mapping[str, Any], reduce: str = "min", penalty: float = 1.0,
                  name: Optional[str] = None, on_error: str = "raise"):
         super().__init__(name=name, on_error=on_error)
+        entries = self.sub_rewards({"members": members, "reduce": reduce, "penalty": penalty, "name": self.name})
+        self.reduce, self.penalty = reduce, float(penalty)
+        self.members = {key: build_reward(typ, **cfg) for key, typ, cfg in entries}
+
+    @staticmethod
+    def sub_rewards(options: Mapping[str, Any]) -> list[tuple[str, str, dict]]:
+        """The members ``[(key, registered name or reference, options)]`` of an ensemble's config ``options``, its
+        shape checked (ValueError naming the problem). ``flowrl train --dry-run`` checks each member like a top-level
+        reward through this, so a misspelt member fails before any model loads."""
+        members, reduce = options.get("members"), options.get("reduce", "min")
+        penalty, name = options.get("penalty", 1.0), options.get("name") or "ensemble"
         if reduce not in REDUCTIONS:
             raise ValueError(f"ensemble: reduce={reduce!r} is not valid; valid values: {list(REDUCTIONS)}")
-        if not float(penalty) >= 0.0:
-            raise ValueError(f"ensemble: penalty={penalty!r} must be >= 0 (it weighs the members' disagreement)")
+        if not isinstance(penalty, (int, float)) or isinstance(penalty, bool) or not float(penalty) >= 0.0:
+            raise ValueError(f"ensemble: penalty={penalty!r} must be a number >= 0 (it weighs the members' disagreement)")
         if not isinstance(members, Mapping) or len(members) < 2:
             raise ValueError(f"ensemble: give at least two members {{key: {{type, options}}}}; got {members!r}")
         weighted = [k for k, v in members.items() if isinstance(v, Mapping) and "weight" in v]
         if weighted:
             raise ValueError(f"ensemble: members {weighted} have a 'weight'; an ensemble reduces its members' scores "
                              f"with reduce={reduce!r} and takes no weights (weigh the ensemble itself in the rewards table)")
-        self.reduce, self.penalty = reduce, float(penalty)
-        self.members = {key: build_reward(typ, **cfg) for key, typ, _, cfg in _entries(members, f"{self.name}.members")}
+        return [(key, typ, cfg) for key, typ, _, cfg in _entries(members, f"{name}.members")]
 
     def score(self, samples, prompts, meta):
         parts: dict[str, Tensor] = {}

@@ -175,3 +175,23 @@ def test_digits_pca_features_are_distances_in_real_digits_principal_subspace():
     assert bool((moved_pca < 0.5 * moved_px * 2).all())  # pixels in [-1, 1] double the [0, 1] move; the subspace damps it
     with pytest.raises(ValueError, match=r"digits_pca features need digits images"):
         build_features("digits_pca")(torch.zeros(2, 3, 8, 8))
+
+
+def test_dry_run_checks_every_member_of_an_ensemble():
+    from flowrl.config import load
+    from flowrl.train.config import TrainConfig
+    from flowrl.train.preflight import PreflightError, _reward_checks
+
+    def check(members):
+        cfg = load(TrainConfig, "configs/digits/flow_grpo_diverse.yaml",
+                   [f"flow.rewards={{c: {{type: ensemble, members: {members}}}}}"])
+        return _reward_checks(cfg)
+
+    assert check("{digits: {}, digits_gaussian: {rank: 10}}") == ["flow.rewards.c", "flow.rewards.c.digits",
+                                                                  "flow.rewards.c.digits_gaussian"]
+    with pytest.raises(PreflightError, match=r"flow.rewards.c.digitz: unknown reward 'digitz'"):
+        check("{digits: {}, digitz: {}}")
+    with pytest.raises(PreflightError, match=r"flow.rewards.c.digits_gaussian: .*unknown parameter.*'rnk'"):
+        check("{digits: {}, digits_gaussian: {rnk: 3}}")
+    with pytest.raises(PreflightError, match=r"flow.rewards.c: ensemble: give at least two members"):
+        check("{digits: {}}")

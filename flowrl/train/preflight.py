@@ -47,6 +47,9 @@ def _reward_checks(cfg) -> list[str]:
             raise PreflightError(f"{key}: {e}") from None
         try:
             check_params("reward", typ, factory, opts)
+            # a reward made of rewards (an ensemble) lists them: each is checked like a top-level one
+            nested = getattr(factory, "sub_rewards", None)
+            entries += [(f"{key}.{k}", t, o, reg) for k, t, o in nested(opts)] if callable(nested) else []
         except (TypeError, ValueError) as e:
             raise PreflightError(f"{key}: {e}") from None
         values = dict(opts)
