@@ -9,9 +9,9 @@ Variants of each algorithm ``configs/digits/<algo>.yaml``:
 - ``plain``: the config as shipped;
 - ``diverse``: the same config plus the diversity keys of ``configs/digits/flow_grpo_diverse.yaml`` (its
   ``flow.rewards``, ``flow.cfg_scale``, ``flow.diversity_bonus``, ``flow.kl_weight`` and ``loss.kl_beta``; read
-  from that file, so the shipped recipe and this experiment cannot drift apart). Algorithms whose own config has a KL (all but ac_flow) take its kl_beta;
-  ac_flow, which trains no KL, takes the bonus only; dance_grpo, whose estimator gives every reward part its own
-  normalised column, weighs the bonus's column by the bonus's weight.
+  from that file, so the shipped recipe and this experiment cannot drift apart). Algorithms whose own config has a
+  KL (all but ac_flow) take its kl_beta; ac_flow, which trains no KL, takes the rest; dance_grpo, whose estimator
+  gives every reward part its own normalised column, weighs each column as the recipe weighs its reward or bonus.
 
 Each run is ``flowrl train`` in its own single-threaded process (``--jobs`` at a time). After training, the script
 evaluates the exported model and the base model with the same fixed evaluation as the demo (20 samples of each
