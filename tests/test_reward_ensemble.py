@@ -4,6 +4,7 @@ slow per-class references, errors, and the shipped diversity recipe's rewards ta
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from flowrl.pipelines.digits_gaussian import fit_gaussian_classifier, load_digit
 from flowrl.rewards import REWARDS, build_reward, build_rewards, register_reward
 from flowrl.rewards.base import RewardError
 from flowrl.rewards.ensemble import reduce_ensemble
+
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "digits" / "flow_grpo_diverse.yaml"
 
 
 def test_reductions_on_a_hand_worked_ensemble():
@@ -140,7 +143,7 @@ def test_the_diversity_recipes_reward_is_the_minimum_of_the_cnn_and_the_gaussian
     from flowrl.config import load
     from flowrl.train.config import TrainConfig
 
-    cfg = load(TrainConfig, "configs/digits/flow_grpo_diverse.yaml")
+    cfg = load(TrainConfig, str(RECIPE))
     combined = build_rewards(cfg.flow.rewards)
     x, y = digits_split("judge")
     x, y = (x[:40] + 1) / 2, y[:40]
@@ -183,7 +186,7 @@ def test_dry_run_checks_every_member_of_an_ensemble():
     from flowrl.train.preflight import PreflightError, _reward_checks
 
     def check(members):
-        cfg = load(TrainConfig, "configs/digits/flow_grpo_diverse.yaml",
+        cfg = load(TrainConfig, str(RECIPE),
                    [f"flow.rewards={{c: {{type: ensemble, members: {members}}}}}"])
         return _reward_checks(cfg)
 
