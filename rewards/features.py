@@ -91,6 +91,14 @@ def clip_features(model_name: str = "ViT-H-14", pretrained: Optional[str] = "lai
     return features
 
 
+def _check_digits(samples, who: str) -> None:
+    from flowrl.pipelines.digits import IMAGE_SIZE
+
+    if not isinstance(samples, Tensor) or samples.dim() != 4 or tuple(samples.shape[1:]) != (1, IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f"{who} features need digits images float [B, 1, {IMAGE_SIZE}, {IMAGE_SIZE}]; "
+                         f"got {type(samples).__name__} {tuple(getattr(samples, 'shape', ()))}")
+
+
 @FEATURES.register("digits_classifier", vendi={"kernel": "cosine", "center": True})
 def digits_classifier_features(*, directory: Optional[str] = None, device: Optional[str] = None) -> FeatureFn:
     """The digits reward classifier's penultimate layer, the one its logits are read from:
@@ -102,15 +110,13 @@ def digits_classifier_features(*, directory: Optional[str] = None, device: Optio
     apart. On digits it keeps realism at the base's where the pixel bonus drifts it (docs/results.md). Post-SiLU
     features are mostly non-negative, hence the centred cosine for Vendi, as for pixels. ``directory``: where
     classifier.safetensors/.json live (default: the shipped weights). No gradient flows through it."""
-    from flowrl.pipelines.digits import IMAGE_SIZE, load_digit_classifier
+    from flowrl.pipelines.digits import load_digit_classifier
 
     dev = torch.device(device or "cpu")
     classifier = load_digit_classifier(device=dev, directory=directory)
 
     def features(samples: Tensor) -> Tensor:
-        if not isinstance(samples, Tensor) or samples.dim() != 4 or tuple(samples.shape[1:]) != (1, IMAGE_SIZE, IMAGE_SIZE):
-            raise ValueError(f"digits_classifier features need digits images float [B, 1, {IMAGE_SIZE}, {IMAGE_SIZE}]; "
-                             f"got {type(samples).__name__} {tuple(getattr(samples, 'shape', ()))}")
+        _check_digits(samples, "digits_classifier")
         with torch.no_grad():
             return classifier.features(samples.to(dev, torch.float32) * 2.0 - 1.0).to(samples.device)
 
@@ -126,16 +132,13 @@ def digits_pca_features(*, rank: int = 20, device: Optional[str] = None) -> Feat
     Why a diversity bonus may want it: the subspace holds the ways real drawings of digits vary (20 directions keep
     90% of their pixel variance) and leaves out what they do not do, such as isolated speckles in the background,
     which pixel distances reward as much as a different stroke. No gradient flows through it."""
-    from flowrl.pipelines.digits import IMAGE_SIZE
     from flowrl.pipelines.digits_gaussian import load_digit_gaussian
 
     dev = torch.device(device or "cpu")
     reader = load_digit_gaussian(rank=rank, device=dev)
 
     def features(samples: Tensor) -> Tensor:
-        if not isinstance(samples, Tensor) or samples.dim() != 4 or tuple(samples.shape[1:]) != (1, IMAGE_SIZE, IMAGE_SIZE):
-            raise ValueError(f"digits_pca features need digits images float [B, 1, {IMAGE_SIZE}, {IMAGE_SIZE}]; "
-                             f"got {type(samples).__name__} {tuple(getattr(samples, 'shape', ()))}")
+        _check_digits(samples, "digits_pca")
         with torch.no_grad():
             return reader.project(samples.to(dev, torch.float32)).to(samples.device)
 
